@@ -1,0 +1,52 @@
+"""Tracking defaults shared by every command: the embedded sqlite store, the experiment, a reachability check."""
+
+from __future__ import annotations
+
+import os
+
+from mlflow_slmops.errors import SlmopsError
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_EXPERIMENT = "slmops"
+# Without this tag MLflow 3.17 opens an experiment on the GenAI traces page instead of the runs table.
+EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
+# How long the reachability check waits for a remote tracking server.
+REACHABILITY_TIMEOUT_S = 5
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def configure(experiment: str | None = None) -> str:
+    """Point MLflow at MLFLOW_TRACKING_URI or the embedded sqlite store, check it answers, set the experiment.
+
+    Returns the experiment ID. A remote server that does not answer is reported before any work starts.
+    """
+    import mlflow
+
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    check_reachable(uri)
+    name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+    exp = mlflow.get_experiment_by_name(name)
+    exp_id = exp.experiment_id if exp else mlflow.create_experiment(name, tags=dict([EXPERIMENT_KIND_TAG]))
+    if exp is not None and exp.tags.get(EXPERIMENT_KIND_TAG[0]) is None:
+        mlflow.MlflowClient().set_experiment_tag(exp_id, *EXPERIMENT_KIND_TAG)
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+def check_reachable(uri: str) -> None:
+    """For an http(s) tracking URI, fail fast with one line if the server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=REACHABILITY_TIMEOUT_S)
+    except requests.RequestException as exc:
+        raise SlmopsError(
+            f"the MLflow tracking server at {uri} cannot be reached ({type(exc).__name__})",
+            "start the server or unset MLFLOW_TRACKING_URI to use the local sqlite store",
+        )

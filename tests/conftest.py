@@ -1,0 +1,92 @@
+"""Session fixtures: small real HF models, converted once with the real Olive path, and tracking stores."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import bin_path, free_port, stop_process, wait_http
+
+ROOT = Path(__file__).resolve().parents[1]
+# Subprocess CLIs (mlflow models serve execs uvicorn) find the venv's tools as in an activated venv.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+# Tests never reach a hub; fail fast instead of retrying a network call.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def models_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def hf_qwen(models_root) -> Path:
+    """A 2-layer Qwen2 (ChatML) HF folder with random weights and a trained BPE tokenizer."""
+    from mlflow_slmops.toymodel import build_tiny_model
+
+    return build_tiny_model(models_root / "hf-qwen2", "qwen2")
+
+
+@pytest.fixture(scope="session")
+def hf_llama(models_root) -> Path:
+    """A 2-layer Llama (Llama-3 chat format) HF folder."""
+    from mlflow_slmops.toymodel import build_tiny_model
+
+    return build_tiny_model(models_root / "hf-llama", "llama")
+
+
+def _convert(hf_dir: Path, out: Path, preset: str) -> Path:
+    from mlflow_slmops.testing import convert_for_tests
+
+    return convert_for_tests(hf_dir, out, preset)
+
+
+@pytest.fixture(scope="session")
+def genai_qwen_fp32(hf_qwen, models_root) -> Path:
+    return _convert(hf_qwen, models_root / "genai-qwen-fp32", "fp32")
+
+
+@pytest.fixture(scope="session")
+def genai_qwen_int4(hf_qwen, models_root) -> Path:
+    return _convert(hf_qwen, models_root / "genai-qwen-int4", "int4")
+
+
+@pytest.fixture(scope="session")
+def genai_llama_fp32(hf_llama, models_root) -> Path:
+    return _convert(hf_llama, models_root / "genai-llama-fp32", "fp32")
+
+
+@pytest.fixture()
+def tracking(tmp_path, monkeypatch) -> str:
+    """A fresh sqlite tracking store for one test, for this process and its subprocesses."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 with sqlite and served artifacts."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    proc = subprocess.Popen(
+        [bin_path("mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts", "--workers", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=root,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url + "/health", proc)
+        yield url
+    finally:
+        stop_process(proc)
