@@ -1,0 +1,54 @@
+"""Metric keys, defined once. docs/metrics.md mirrors this module: formulas and methods live there.
+
+Every variant run logs exactly these keys so the MLflow UI lines variants up side by side.
+"""
+
+from __future__ import annotations
+
+# Size
+SIZE_MB = "size_mb"
+COMPRESSION_RATIO = "compression_ratio"
+CONVERT_S = "convert_s"
+
+# Speed, at the default prompt length
+TTFT_MS = "ttft_ms"
+PREFILL_TOK_S = "prefill_tok_s"
+DECODE_TOK_S = "decode_tok_s"
+LATENCY_P50_MS = "latency_p50_ms"
+LATENCY_P95_MS = "latency_p95_ms"
+# Logged once per prompt length with step = prompt length
+LATENCY_BY_PROMPT_LEN_MS = "latency_by_prompt_len_ms"
+
+# Memory and CPU
+PEAK_RSS_MB = "peak_rss_mb"
+RSS_GROWTH_MB = "rss_growth_mb"
+CPU_PERCENT = "cpu_percent"
+
+# Quality, against the sweep's fp32 variant
+PERPLEXITY = "perplexity"
+PPL_DELTA_PCT = "ppl_delta_pct"
+KL_DIV = "kl_div"
+TOP1_AGREEMENT = "top1_agreement"
+QA_ACCURACY = "qa_accuracy"
+FORMAT_VALID_RATE = "format_valid_rate"
+EDGE_CASES_PASSED = "edge_cases_passed"
+
+SIZE_METRICS = (SIZE_MB, COMPRESSION_RATIO, CONVERT_S)
+SPEED_METRICS = (TTFT_MS, PREFILL_TOK_S, DECODE_TOK_S, LATENCY_P50_MS, LATENCY_P95_MS)
+MEMORY_METRICS = (PEAK_RSS_MB, RSS_GROWTH_MB, CPU_PERCENT)
+QUALITY_METRICS = (PERPLEXITY, PPL_DELTA_PCT, KL_DIV, TOP1_AGREEMENT, QA_ACCURACY, FORMAT_VALID_RATE, EDGE_CASES_PASSED)
+# Every successful (benchmarkable) variant run carries all of these.
+VARIANT_METRICS = SIZE_METRICS + SPEED_METRICS + MEMORY_METRICS + QUALITY_METRICS
+
+# Which direction is better, for Pareto fronts and the champion's objective.
+HIGHER_IS_BETTER = {
+    COMPRESSION_RATIO, PREFILL_TOK_S, DECODE_TOK_S, TOP1_AGREEMENT, QA_ACCURACY, FORMAT_VALID_RATE, EDGE_CASES_PASSED,
+}
+
+# Run tags
+ROLE_TAG = "slmops.role"
+ROLE_SWEEP = "sweep"
+ROLE_VARIANT = "variant"
+STATUS_TAG = "slmops.status"
+ERROR_TAG = "slmops.error"
+VARIANT_TAG = "slmops.variant"
