@@ -67,6 +67,113 @@ def log_model_cmd(model_dir: str, name: str, registered_model_name: str | None) 
     click.echo(f"Logged {info.model_uri} in run {run.info.run_id}")
 
 
+class WholeNumber(click.ParamType):
+    """An integer that also accepts MLproject float params such as "128.0"."""
+
+    name = "integer"
+
+    def convert(self, value, param, ctx):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a whole number", param, ctx)
+        if number != int(number) or number < 0:
+            self.fail(f"{value!r} is not a whole number >= 0", param, ctx)
+        return int(number)
+
+
+def _blank_to_none(ctx, param, value):
+    """MLproject passes empty strings for unset optional params."""
+    return value or None
+
+
+def _print_table(df, columns: list[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_header=True, header_style="bold")
+    cols = [c for c in columns if c in df.columns]
+    for c in cols:
+        table.add_column(c, justify="left" if c in ("variant", "status") else "right")
+    for _, row in df.iterrows():
+        table.add_row(*[_cell(row[c]) for c in cols])
+    Console().print(table)
+
+
+def _cell(value) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+SWEEP_TABLE_COLUMNS = ["variant", "status", "size_mb", "compression_ratio", "decode_tok_s", "ttft_ms",
+                       "peak_rss_mb", "ppl_delta_pct", "kl_div", "top1_agreement", "qa_accuracy"]
+
+
+@main.command("sweep")
+@click.option("--model", type=click.Path(), default=None, help="Hugging Face model folder (the fine-tuned model).")
+@click.option("--variants", default="fp32,int8,int4,int4-b128-asym", show_default=True,
+              help="Comma-separated preset or variants-file names.")
+@click.option("--variants-file", default=None, callback=_blank_to_none, help="YAML or JSON file of custom variants.")
+@click.option("--output", default=".slmops/variants", show_default=True, help="Where variant folders are written.")
+@click.option("--cache-dir", default=None, callback=_blank_to_none, help="Conversion cache (default ~/.cache/mlflow-slmops).")
+@click.option("--text", default=None, callback=_blank_to_none, help="Perplexity text file (default: bundled).")
+@click.option("--qa", default=None, callback=_blank_to_none, help="QA JSONL file (default: bundled).")
+@click.option("--prompt-len", type=WholeNumber(), default=128, show_default=True)
+@click.option("--gen-len", type=WholeNumber(), default=32, show_default=True)
+@click.option("--repeats", type=WholeNumber(), default=5, show_default=True)
+@click.option("--trust-remote-code", is_flag=True, help="Allow models that need custom code (off by default).")
+@click.option("--resume", "resume_run_id", default=None, help="Complete an earlier sweep run: measure only what is missing.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@friendly_errors
+def sweep_cmd(model, variants, variants_file, output, cache_dir, text, qa, prompt_len, gen_len, repeats,
+              trust_remote_code, resume_run_id, quiet) -> None:
+    """Convert, measure and log every variant under one MLflow sweep run."""
+    from mlflow_slmops import sweep
+
+    if not model and not resume_run_id:
+        raise SlmopsError("no model given", "pass --model PATH (or --resume RUN_ID)")
+    req = None if resume_run_id else sweep.SweepRequest(
+        model=model, variants=variants, variants_file=variants_file, output=output, cache_dir=cache_dir,
+        text=text, qa=qa, prompt_len=prompt_len, gen_len=gen_len, repeats=repeats,
+        trust_remote_code=trust_remote_code)
+    result = sweep.run_sweep(req, resume_run_id=resume_run_id, progress=not quiet, echo=click.echo)
+    _print_table(result.table, SWEEP_TABLE_COLUMNS)
+    click.echo(f"Report: {result.report_dir}/report.md")
+    click.echo(f"Sweep run ID: {result.parent_run_id}")
+    failed = [o.variant for o in result.outcomes if o.status != "ok"]
+    if failed:
+        click.echo(f"Failed variants: {', '.join(failed)} (see the slmops.error tag on their runs)", err=True)
+    if len(failed) == len(result.outcomes):
+        sys.exit(EXIT_USER_ERROR)
+
+
+@main.command("promote")
+@click.option("--sweep-run-id", required=True, help="The sweep's parent run ID.")
+@click.option("--name", required=True, help="Registered model name.")
+@click.option("--alias", default="champion", show_default=True)
+@click.option("--max-ppl-delta-pct", type=float, default=5.0, show_default=True,
+              help="Largest perplexity increase over fp32 allowed, in percent.")
+@click.option("--min-qa-accuracy", type=float, default=None, help="Smallest QA accuracy allowed (0 to 1).")
+@click.option("--objective", type=click.Choice(["decode_tok_s", "size_mb", "ttft_ms"]), default="decode_tok_s",
+              show_default=True, help="What the champion is best at among those that meet the constraints.")
+@friendly_errors
+def promote_cmd(sweep_run_id, name, alias, max_ppl_delta_pct, min_qa_accuracy, objective) -> None:
+    """Register the sweep's champion in the Model Registry and set an alias on it."""
+    import pandas as pd
+
+    from mlflow_slmops import promote
+
+    constraints = promote.Constraints(max_ppl_delta_pct, min_qa_accuracy or None, objective)
+    result = promote.promote(sweep_run_id, name, alias, constraints)
+    _print_table(pd.DataFrame([c.row() for c in result.candidates]),
+                 ["variant", "accepted", "chosen", "decode_tok_s", "size_mb", "ppl_delta_pct", "qa_accuracy", "reason"])
+    click.echo(f"Champion: {result.champion.variant} ({constraints.objective} "
+               f"{result.champion.metrics.get(constraints.objective, float('nan')):.4g}) "
+               f"-> {result.name} version {result.version}, alias @{result.alias}")
+    click.echo(f"Model URI: {result.model_uri}")
+
+
 # --- stage commands are added below, one per stage module ---
 
 

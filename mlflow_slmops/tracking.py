@@ -18,6 +18,16 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def connect() -> str:
+    """Point MLflow at MLFLOW_TRACKING_URI or the embedded sqlite store and check it answers."""
+    import mlflow
+
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    check_reachable(uri)
+    return uri
+
+
 def configure(experiment: str | None = None) -> str:
     """Point MLflow at MLFLOW_TRACKING_URI or the embedded sqlite store, check it answers, set the experiment.
 
@@ -25,16 +35,28 @@ def configure(experiment: str | None = None) -> str:
     """
     import mlflow
 
-    uri = tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    check_reachable(uri)
+    connect()
+    client = mlflow.MlflowClient()
+    # Under `mlflow run`, the run and experiment are chosen already: use them, only add the tag.
+    env_run = os.environ.get("MLFLOW_RUN_ID")
+    env_exp = os.environ.get("MLFLOW_EXPERIMENT_ID")
+    if env_run or env_exp:
+        exp_id = client.get_run(env_run).info.experiment_id if env_run else env_exp
+        _tag_experiment(client, exp_id)
+        mlflow.set_experiment(experiment_id=exp_id)
+        return exp_id
     name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
     exp = mlflow.get_experiment_by_name(name)
     exp_id = exp.experiment_id if exp else mlflow.create_experiment(name, tags=dict([EXPERIMENT_KIND_TAG]))
-    if exp is not None and exp.tags.get(EXPERIMENT_KIND_TAG[0]) is None:
-        mlflow.MlflowClient().set_experiment_tag(exp_id, *EXPERIMENT_KIND_TAG)
+    _tag_experiment(client, exp_id)
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
+
+
+def _tag_experiment(client, exp_id: str) -> None:
+    exp = client.get_experiment(exp_id)
+    if exp.tags.get(EXPERIMENT_KIND_TAG[0]) is None:
+        client.set_experiment_tag(exp_id, *EXPERIMENT_KIND_TAG)
 
 
 def check_reachable(uri: str) -> None:

@@ -1,0 +1,200 @@
+"""Pick the champion of a sweep by stated constraints and register it in the Model Registry with an alias.
+
+The decision is logged on the sweep run as a table of every candidate and why it was accepted or
+rejected, so the choice can be audited later in the MLflow UI.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from mlflow_slmops import metrics as M
+from mlflow_slmops import tracking
+from mlflow_slmops.errors import SlmopsError
+
+OBJECTIVES = (M.DECODE_TOK_S, M.SIZE_MB, M.TTFT_MS)
+DEFAULT_OBJECTIVE = M.DECODE_TOK_S
+DEFAULT_ALIAS = "champion"
+DEFAULT_MAX_PPL_DELTA_PCT = 5.0
+# Metrics copied onto the registered version as tags, so the registry page shows why it won.
+VERSION_TAG_METRICS = (M.SIZE_MB, M.DECODE_TOK_S, M.TTFT_MS, M.PPL_DELTA_PCT, M.KL_DIV, M.QA_ACCURACY,
+                       M.PEAK_RSS_MB)
+SEARCH_PAGE_SIZE = 1000
+BUILD_ONLY_TAG = "slmops.build_only"
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """What a champion must meet, and what it is best at."""
+
+    max_ppl_delta_pct: float | None = DEFAULT_MAX_PPL_DELTA_PCT
+    min_qa_accuracy: float | None = None
+    objective: str = DEFAULT_OBJECTIVE
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise SlmopsError(f"objective {self.objective!r} is not supported", f"use one of {', '.join(OBJECTIVES)}")
+        for key in ("max_ppl_delta_pct", "min_qa_accuracy"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, (int, float)) or math.isnan(value)):
+                raise SlmopsError(f"{key} is {value!r}, expected a number", f"pass --{key.replace('_', '-')} N")
+
+
+@dataclass
+class Candidate:
+    variant: str
+    run_id: str
+    status: str
+    metrics: dict[str, float]
+    accepted: bool = False
+    reasons: list[str] = field(default_factory=list)
+    chosen: bool = False
+
+    def row(self) -> dict:
+        row = {"variant": self.variant, "run_id": self.run_id, "status": self.status,
+               "accepted": self.accepted, "chosen": self.chosen, "reason": "; ".join(self.reasons) or "meets all"}
+        row.update({k: self.metrics.get(k) for k in VERSION_TAG_METRICS})
+        return row
+
+
+@dataclass
+class PromotionResult:
+    name: str
+    version: str
+    alias: str
+    model_uri: str
+    champion: Candidate
+    candidates: list[Candidate]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "version": self.version, "alias": self.alias, "model_uri": self.model_uri,
+                "champion": asdict(self.champion), "candidates": [c.row() for c in self.candidates]}
+
+
+def _variant_runs(client, sweep_run_id: str) -> list:
+    try:
+        sweep = client.get_run(sweep_run_id)
+    except Exception as exc:
+        raise SlmopsError(f"sweep run {sweep_run_id!r} was not found in the tracking store",
+                          "pass the run ID `slmops sweep` printed (MLFLOW_TRACKING_URI must match)") from exc
+    if sweep.data.tags.get(M.ROLE_TAG) != M.ROLE_SWEEP:
+        raise SlmopsError(f"run {sweep_run_id} is not a sweep run (no tag {M.ROLE_TAG}={M.ROLE_SWEEP})",
+                          "pass the parent run ID of a sweep")
+    runs, token = [], None
+    while True:
+        page = client.search_runs(
+            [sweep.info.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{sweep_run_id}' and tags.`{M.ROLE_TAG}` = '{M.ROLE_VARIANT}'",
+            max_results=SEARCH_PAGE_SIZE, page_token=token,
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def judge(candidate: Candidate, constraints: Constraints, build_only: bool) -> None:
+    """Fill candidate.accepted and candidate.reasons."""
+    m = candidate.metrics
+    reasons = []
+    if candidate.status != "ok":
+        reasons.append("variant failed")
+    elif build_only:
+        reasons.append("build-only on this machine (not measured)")
+    else:
+        if constraints.objective not in m:
+            reasons.append(f"no {constraints.objective}")
+        if constraints.max_ppl_delta_pct is not None:
+            delta = m.get(M.PPL_DELTA_PCT)
+            if delta is None:
+                reasons.append(f"no {M.PPL_DELTA_PCT}")
+            elif delta > constraints.max_ppl_delta_pct:
+                reasons.append(f"{M.PPL_DELTA_PCT} {delta:.3g} > {constraints.max_ppl_delta_pct:g}")
+        if constraints.min_qa_accuracy is not None:
+            acc = m.get(M.QA_ACCURACY)
+            if acc is None:
+                reasons.append(f"no {M.QA_ACCURACY}")
+            elif acc < constraints.min_qa_accuracy:
+                reasons.append(f"{M.QA_ACCURACY} {acc:.3g} < {constraints.min_qa_accuracy:g}")
+    candidate.reasons = reasons
+    candidate.accepted = not reasons
+
+
+def _shortfall(c: Candidate, constraints: Constraints) -> float:
+    """How far a measured candidate is from meeting the constraints (0 = meets them), for the message."""
+    m, gap = c.metrics, 0.0
+    if constraints.max_ppl_delta_pct is not None and M.PPL_DELTA_PCT in m:
+        gap += max(0.0, m[M.PPL_DELTA_PCT] - constraints.max_ppl_delta_pct) / max(abs(constraints.max_ppl_delta_pct), 1.0)
+    if constraints.min_qa_accuracy is not None and M.QA_ACCURACY in m:
+        gap += max(0.0, constraints.min_qa_accuracy - m[M.QA_ACCURACY]) / max(constraints.min_qa_accuracy, 1e-9)
+    return gap
+
+
+def choose(candidates: list[Candidate], constraints: Constraints) -> Candidate:
+    """The accepted candidate best on the objective (ties: lower kl_div). Raises naming the closest one."""
+    accepted = [c for c in candidates if c.accepted]
+    if not accepted:
+        measured = [c for c in candidates if c.status == "ok" and c.metrics]
+        if not measured:
+            raise SlmopsError("no variant of the sweep finished successfully", "fix the failed variants and re-run the sweep")
+        closest = min(measured, key=lambda c: _shortfall(c, constraints))
+        raise SlmopsError(
+            f"no variant meets the constraints; the closest is {closest.variant} ({'; '.join(closest.reasons)})",
+            "relax --max-ppl-delta-pct / --min-qa-accuracy or add variants to the sweep",
+        )
+    sign = 1 if constraints.objective in M.HIGHER_IS_BETTER else -1
+    best = max(accepted, key=lambda c: (sign * c.metrics[constraints.objective], -c.metrics.get(M.KL_DIV, math.inf)))
+    best.chosen = True
+    return best
+
+
+def promote(sweep_run_id: str, name: str, alias: str = DEFAULT_ALIAS,
+            constraints: Constraints | None = None) -> PromotionResult:
+    """Register the sweep's champion as a new version of ``name`` and point ``alias`` at it.
+
+    Args:
+        sweep_run_id: the parent run of a sweep.
+        name: the registered model name.
+        alias: the alias to set on the new version.
+        constraints: what the champion must meet; defaults to ppl_delta_pct <= 5, objective decode_tok_s.
+
+    Example:
+        >>> promote("3f2a...", "support-bot", constraints=Constraints(min_qa_accuracy=0.9))  # doctest: +SKIP
+    """
+    import mlflow
+
+    constraints = constraints or Constraints()
+    if not name or not name.strip():
+        raise SlmopsError("the registered model name is empty", "pass --name NAME")
+    if not alias or not alias.replace("_", "").replace("-", "").isalnum():
+        raise SlmopsError(f"alias {alias!r} is not valid", "use letters, digits, '-' and '_'")
+    tracking.connect()
+    client = mlflow.MlflowClient()
+    candidates = []
+    for run in _variant_runs(client, sweep_run_id):
+        c = Candidate(run.data.tags.get(M.VARIANT_TAG, run.info.run_name), run.info.run_id,
+                      run.data.tags.get(M.STATUS_TAG, "failed"), dict(run.data.metrics))
+        judge(c, constraints, run.data.tags.get(BUILD_ONLY_TAG) == "true")
+        candidates.append(c)
+    try:
+        champion = choose(candidates, constraints)
+    finally:
+        _log_decision(sweep_run_id, name, candidates)
+    version = mlflow.register_model(f"runs:/{champion.run_id}/model", name)
+    client.set_registered_model_alias(name, alias, version.version)
+    tags = {"slmops.sweep_run_id": sweep_run_id, "slmops.variant": champion.variant,
+            "slmops.objective": constraints.objective}
+    tags.update({f"metric.{k}": f"{champion.metrics[k]:.6g}" for k in VERSION_TAG_METRICS if k in champion.metrics})
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version.version, key, value)
+    return PromotionResult(name, str(version.version), alias, f"models:/{name}@{alias}", champion, candidates)
+
+
+def _log_decision(sweep_run_id: str, name: str, candidates: list[Candidate]) -> None:
+    import mlflow
+
+    rows = [c.row() for c in candidates]
+    table = {k: [r[k] for r in rows] for k in (rows[0] if rows else {})}
+    if table:
+        mlflow.log_table(table, f"promotion/{name}.json", run_id=sweep_run_id)

@@ -1,0 +1,170 @@
+"""The sweep's own artifacts: the variants table, Pareto plots and report.md.
+
+Pure functions over a pandas DataFrame with one row per variant and the metric keys of metrics.py
+as columns, so the same report can be rebuilt from a finished sweep's runs.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from mlflow_slmops import metrics as M
+
+# The two trade-offs the Pareto plots show: (x, y), quality always on y.
+QUALITY_AXIS = M.PPL_DELTA_PCT
+PARETO_PLOTS = {
+    "pareto_size_vs_quality.png": (M.SIZE_MB, QUALITY_AXIS),
+    "pareto_speed_vs_quality.png": (M.DECODE_TOK_S, QUALITY_AXIS),
+}
+# Axes report.md names a winner on, with the sense of "better".
+WINNER_AXES = (M.SIZE_MB, M.DECODE_TOK_S, M.TTFT_MS, M.PEAK_RSS_MB, M.KL_DIV, M.QA_ACCURACY)
+FIGURE_SIZE = (6.4, 4.4)
+FIGURE_DPI = 110
+
+
+def better(metric: str, a: float, b: float) -> bool:
+    """True when a is strictly better than b for this metric."""
+    return a > b if metric in M.HIGHER_IS_BETTER else a < b
+
+
+def pareto_mask(df: pd.DataFrame, x: str, y: str) -> pd.Series:
+    """Non-dominated rows on (x, y), each axis in its own sense of better. NaN rows are never on the front."""
+    valid = df[[x, y]].notna().all(axis=1)
+    mask = pd.Series(False, index=df.index)
+    for i in df.index[valid]:
+        xi, yi = df.at[i, x], df.at[i, y]
+        dominated = False
+        for j in df.index[valid]:
+            if i == j:
+                continue
+            xj, yj = df.at[j, x], df.at[j, y]
+            no_worse = not better(x, xi, xj) and not better(y, yi, yj)
+            strictly = better(x, xj, xi) or better(y, yj, yi)
+            if no_worse and strictly:
+                dominated = True
+                break
+        mask[i] = not dominated
+    return mask
+
+
+def pareto_figure(df: pd.DataFrame, x: str, y: str, title: str):
+    """A scatter of variants on (x, y) with the non-dominated ones marked and joined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=FIGURE_SIZE, dpi=FIGURE_DPI)
+    data = df.dropna(subset=[x, y])
+    front = pareto_mask(data, x, y) if len(data) else pd.Series(dtype=bool)
+    ax.scatter(data.loc[~front, x], data.loc[~front, y], color="#999999", label="dominated", zorder=2)
+    ax.scatter(data.loc[front, x], data.loc[front, y], color="#d62728", s=60, label="Pareto front", zorder=3)
+    line = data.loc[front].sort_values(x)
+    ax.plot(line[x], line[y], color="#d62728", alpha=0.5, zorder=1)
+    for _, row in data.iterrows():
+        ax.annotate(str(row["variant"]), (row[x], row[y]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xlabel(f"{x} ({'higher' if x in M.HIGHER_IS_BETTER else 'lower'} is better)")
+    ax.set_ylabel(f"{y} ({'higher' if y in M.HIGHER_IS_BETTER else 'lower'} is better)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def latency_curve_figure(curves: dict[str, dict[int, float]]):
+    """Latency against prompt length, one line per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=FIGURE_SIZE, dpi=FIGURE_DPI)
+    for name, curve in curves.items():
+        if curve:
+            lens = sorted(int(k) for k in curve)
+            ax.plot(lens, [curve[k] if k in curve else curve[str(k)] for k in lens], marker="o", label=name)
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_ylabel(f"{M.LATENCY_BY_PROMPT_LEN_MS}")
+    ax.set_title("Full-response latency by prompt length")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def winners(df: pd.DataFrame) -> dict[str, tuple[str, float]]:
+    """The best variant on each axis that has values: {metric: (variant, value)}."""
+    out = {}
+    for metric in WINNER_AXES:
+        if metric not in df or df[metric].notna().sum() == 0:
+            continue
+        col = df[metric].dropna()
+        idx = col.idxmax() if metric in M.HIGHER_IS_BETTER else col.idxmin()
+        out[metric] = (str(df.at[idx, "variant"]), float(col[idx]))
+    return out
+
+
+def _fmt(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def markdown_table(df: pd.DataFrame, columns: list[str]) -> str:
+    cols = [c for c in columns if c in df.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, row in df.iterrows():
+        lines.append("| " + " | ".join(_fmt(row[c]) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def report_markdown(df: pd.DataFrame, sweep_run_id: str | None = None) -> str:
+    """report.md: which variant wins on each axis, the Pareto sets, and the whole table."""
+    ok = df[df["status"] == "ok"] if "status" in df else df
+    measured = ok[ok.get("build_only", pd.Series(False, index=ok.index)).fillna(False).astype(bool) == False]  # noqa: E712
+    lines = ["# Sweep report", ""]
+    if sweep_run_id:
+        lines += [f"Sweep run: `{sweep_run_id}`", ""]
+    lines += ["## Winners", "", "| axis | better | variant | value |", "|---|---|---|---|"]
+    for metric, (variant, value) in winners(measured).items():
+        sense = "higher" if metric in M.HIGHER_IS_BETTER else "lower"
+        lines.append(f"| {metric} | {sense} | **{variant}** | {value:.4g} |")
+    lines += ["", "## Pareto fronts", ""]
+    for fname, (x, y) in PARETO_PLOTS.items():
+        front = measured.loc[pareto_mask(measured, x, y), "variant"].tolist() if len(measured) else []
+        lines.append(f"- {x} vs {y}: {', '.join(front) or 'none'} (`{fname}`)")
+    failed = df[df["status"] != "ok"] if "status" in df else df.iloc[0:0]
+    if len(failed):
+        lines += ["", "## Failed variants", ""]
+        lines += [f"- {r['variant']}: {r.get('error', '')}" for _, r in failed.iterrows()]
+    build_only = ok[ok.get("build_only", pd.Series(False, index=ok.index)).fillna(False).astype(bool)]
+    if len(build_only):
+        lines += ["", "## Build-only variants (not measured on this machine)", ""]
+        lines += [f"- {v}" for v in build_only["variant"]]
+    lines += ["", "## All variants", "", markdown_table(df, ["variant", "status", *M.VARIANT_METRICS])]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(df: pd.DataFrame, out_dir: str | Path, sweep_run_id: str | None = None) -> dict[str, Path]:
+    """Write variants.csv, the Pareto PNGs and report.md into out_dir; return their paths."""
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"variants.csv": out_dir / "variants.csv", "report.md": out_dir / "report.md"}
+    df.to_csv(paths["variants.csv"], index=False)
+    measured = df[(df.get("status") == "ok")] if "status" in df else df
+    for fname, (x, y) in PARETO_PLOTS.items():
+        if x in measured and y in measured:
+            fig = pareto_figure(measured, x, y, f"{x} vs {y}")
+            fig.savefig(out_dir / fname)
+            plt.close(fig)
+            paths[fname] = out_dir / fname
+    paths["report.md"].write_text(report_markdown(df, sweep_run_id))
+    return paths

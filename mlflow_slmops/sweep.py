@@ -1,0 +1,424 @@
+"""The whole flow for one model: convert every variant, measure each in a fresh process, log them as
+child runs of one sweep run, and write the comparison (table, Pareto plots, report.md).
+
+Finished measurements are spooled to local JSON before they are logged, so a tracking server that
+goes away loses nothing: `slmops sweep --resume PARENT_RUN_ID` replays the spool and measures only the
+variants that are missing or failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
+
+from mlflow_slmops import metrics as M
+from mlflow_slmops import report, tracking
+from mlflow_slmops.errors import SlmopsError
+
+BASELINE_VARIANT = "fp32"
+DEFAULT_VARIANTS = "fp32,int8,int4,int4-b128-asym"
+DEFAULT_OUTPUT = ".slmops/variants"
+REQUEST_ARTIFACT = "sweep_request.json"
+SPOOL_DIRNAME = ".spool"
+# Logging retries on top of MLflow's own HTTP retries: attempts and the first back-off.
+LOG_ATTEMPTS = 3
+LOG_BACKOFF_S = 2.0
+BUILD_ONLY_TAG = "slmops.build_only"
+
+
+@dataclass
+class SweepRequest:
+    """Everything a sweep needs; logged on the parent run so `--resume` can replay it exactly."""
+
+    model: str
+    variants: str = DEFAULT_VARIANTS
+    variants_file: str | None = None
+    output: str = DEFAULT_OUTPUT
+    cache_dir: str | None = None
+    text: str | None = None
+    qa: str | None = None
+    prompt_len: int = 128
+    gen_len: int = 32
+    repeats: int = 5
+    trust_remote_code: bool = False
+
+    def params(self) -> dict[str, str]:
+        return {k: "" if v is None else str(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SweepRequest":
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+@dataclass
+class VariantOutcome:
+    variant: str
+    status: str
+    run_id: str | None = None
+    output_dir: str | None = None
+    build_only: bool = False
+    error: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    latency_curve: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
+class SweepResult:
+    parent_run_id: str
+    experiment_id: str
+    outcomes: list[VariantOutcome]
+    table: Any  # pandas.DataFrame, one row per variant
+    report_dir: str
+
+
+def machine_fingerprint() -> dict[str, str]:
+    """CPU model, core count and RAM: params on every variant run, so results are compared like for like."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "machine_cpu": cpu,
+        "machine_cores": str(psutil.cpu_count(logical=True)),
+        "machine_ram_gb": f"{psutil.virtual_memory().total / 2**30:.1f}",
+    }
+
+
+def tool_versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {f"{pkg}_version": version(pkg) for pkg in ("olive-ai", "onnxruntime-genai", "onnxruntime")}
+
+
+def with_retry(what: str, fn: Callable[[], Any], resume_hint: str) -> Any:
+    """Call an MLflow logging step, retrying with exponential back-off; fail with the run to resume."""
+    from mlflow.exceptions import MlflowException
+    from requests.exceptions import RequestException
+
+    delay = LOG_BACKOFF_S
+    for attempt in range(1, LOG_ATTEMPTS + 1):
+        try:
+            return fn()
+        except SlmopsError:
+            raise
+        except (MlflowException, RequestException, ConnectionError) as exc:
+            if attempt == LOG_ATTEMPTS:
+                raise SlmopsError(
+                    f"logging {what} to the tracking server failed after {LOG_ATTEMPTS} attempts "
+                    f"({type(exc).__name__}); finished measurements are kept in the local spool",
+                    resume_hint,
+                ) from exc
+            time.sleep(delay)
+            delay *= 2
+
+
+class Spool:
+    """Measurements on local disk, one JSON file per variant, written before they are logged."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def path(self, variant: str) -> Path:
+        return self.root / f"{variant}.json"
+
+    def write(self, variant: str, payload: dict) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.path(variant).with_suffix(".tmp")
+        tmp.write_text(json.dumps(payload, indent=2, default=str))
+        os.replace(tmp, self.path(variant))
+
+    def read(self, variant: str) -> dict | None:
+        p = self.path(variant)
+        return json.loads(p.read_text()) if p.is_file() else None
+
+    def drop(self, variant: str) -> None:
+        self.path(variant).unlink(missing_ok=True)
+
+
+def _existing_children(client, parent_run_id: str) -> dict[str, Any]:
+    """The variant runs already under a sweep run, by variant name (latest first wins)."""
+    runs = client.search_runs(
+        [client.get_run(parent_run_id).info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+        max_results=1000,
+    )
+    by_name: dict[str, Any] = {}
+    for run in sorted(runs, key=lambda r: r.info.start_time):
+        name = run.data.tags.get(M.VARIANT_TAG)
+        if name:
+            by_name[name] = run
+    return by_name
+
+
+def _load_request(client, parent_run_id: str) -> SweepRequest:
+    import mlflow
+
+    try:
+        run = client.get_run(parent_run_id)
+    except Exception as exc:
+        raise SlmopsError(f"sweep run {parent_run_id} was not found in {mlflow.get_tracking_uri()}",
+                          "pass the run ID of a sweep run (tag slmops.role=sweep)") from exc
+    if run.data.tags.get(M.ROLE_TAG) != M.ROLE_SWEEP:
+        raise SlmopsError(f"run {parent_run_id} is not a sweep run (no tag {M.ROLE_TAG}={M.ROLE_SWEEP})",
+                          "pass the parent run ID that `slmops sweep` printed")
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(run_id=parent_run_id, artifact_path=REQUEST_ARTIFACT, dst_path=tmp)
+        return SweepRequest.from_dict(json.loads(Path(local).read_text()))
+
+
+def _resolve_specs(req: SweepRequest) -> list:
+    from mlflow_slmops import variants
+
+    specs = variants.resolve_variants(req.variants, req.variants_file or None)
+    if not any(s.name == BASELINE_VARIANT for s in specs):
+        # Quality and compression are measured against fp32, so the sweep always builds it.
+        specs = variants.resolve_variants(BASELINE_VARIANT, None) + specs
+    return sorted(specs, key=lambda s: s.name != BASELINE_VARIANT)
+
+
+def _benchmark_config(req: SweepRequest):
+    from mlflow_slmops import benchmark
+
+    return benchmark.BenchmarkConfig(prompt_len=req.prompt_len, gen_len=req.gen_len, repeats=req.repeats)
+
+
+def measure_variant(output_dir: str, req: SweepRequest, baseline_dir: str | None) -> dict:
+    """Benchmark and evaluate one variant, each in a fresh subprocess. Returns the spool payload."""
+    from mlflow_slmops import benchmark, quality
+
+    bench = benchmark.run_benchmark(output_dir, _benchmark_config(req))
+    qual = quality.run_evaluate(output_dir, req.text or None, req.qa or None, baseline_dir)
+    return {"benchmark": bench.to_dict(), "quality": qual.to_dict(),
+            "metrics": {**bench.metrics(), **qual.metrics()},
+            "latency_curve": {int(k): v for k, v in bench.latency_by_prompt_len_ms.items()},
+            "qa_rows": getattr(qual, "qa_rows", []), "probe_rows": getattr(qual, "probe_rows", [])}
+
+
+def _variant_params(spec, conv) -> dict[str, str]:
+    d = spec.to_dict()
+    params = {"variant": spec.name}
+    for key in ("precision", "block_size", "is_symmetric", "algo", "accuracy_level", "execution_provider", "device"):
+        params[key] = "" if d.get(key) is None else str(d.get(key))
+    return {**params, **tool_versions(), **machine_fingerprint()}
+
+
+def _log_variant_run(spec, conv, size_metrics: dict, measured: dict | None, child_run_id: str | None) -> str:
+    """One child run: params, tags, the model (onnx_genai), olive_config.json, raw JSON, tables, metrics."""
+    import mlflow
+
+    from mlflow_slmops import flavor
+
+    tags = {M.ROLE_TAG: M.ROLE_VARIANT, M.VARIANT_TAG: spec.name}
+    with mlflow.start_run(run_id=child_run_id, run_name=None if child_run_id else spec.name, nested=True,
+                          tags=None if child_run_id else tags) as child:
+        mlflow.set_tags(tags)
+        mlflow.log_params(_variant_params(spec, conv))
+        if conv.status != "ok":
+            mlflow.set_tags({M.STATUS_TAG: "failed", M.ERROR_TAG: (conv.error or "conversion failed")[:4000]})
+            return child.info.run_id
+        if conv.olive_config_path:
+            mlflow.log_artifact(conv.olive_config_path)
+        info = flavor.log_model(conv.output_dir, name="model",
+                                variant={"variant": spec.name, "precision": spec.precision})
+        all_metrics = {**size_metrics, **(measured or {}).get("metrics", {})}
+        mlflow.log_metrics(all_metrics)
+        mlflow.log_metrics(all_metrics, model_id=info.model_id)
+        if spec.build_only:
+            mlflow.set_tag(BUILD_ONLY_TAG, "true")
+        if measured:
+            _log_measurement_artifacts(measured)
+        mlflow.set_tags({M.STATUS_TAG: "ok"})
+        return child.info.run_id
+
+
+def _log_measurement_artifacts(measured: dict) -> None:
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    for length, ms in sorted(measured["latency_curve"].items()):
+        mlflow.log_metric(M.LATENCY_BY_PROMPT_LEN_MS, ms, step=int(length))
+    mlflow.log_dict(measured["benchmark"], "benchmark.json")
+    mlflow.log_dict(measured["quality"], "quality.json")
+    if measured.get("qa_rows"):
+        mlflow.log_table(_as_table(measured["qa_rows"]), "qa_answers.json")
+    if measured.get("probe_rows"):
+        mlflow.log_table(_as_table(measured["probe_rows"]), "edge_cases.json")
+    fig = report.latency_curve_figure({"this variant": measured["latency_curve"]})
+    mlflow.log_figure(fig, "latency_by_prompt_len.png")
+    plt.close(fig)
+
+
+def _as_table(rows: list[dict]) -> dict[str, list]:
+    cols: dict[str, list] = {}
+    for row in rows:
+        for key in row:
+            cols.setdefault(key, [])
+    for row in rows:
+        for key in cols:
+            value = row.get(key)
+            cols[key].append(value if isinstance(value, (str, int, float, bool)) or value is None else json.dumps(value))
+    return cols
+
+
+def _mark_failed(child_run_id: str | None, spec, conv, error: str) -> str:
+    import mlflow
+
+    with mlflow.start_run(run_id=child_run_id, run_name=None if child_run_id else spec.name, nested=True) as child:
+        mlflow.set_tags({M.ROLE_TAG: M.ROLE_VARIANT, M.VARIANT_TAG: spec.name,
+                         M.STATUS_TAG: "failed", M.ERROR_TAG: error[:4000]})
+        mlflow.log_params(_variant_params(spec, conv))
+        return child.info.run_id
+
+
+def _outcome_from_run(run, spec) -> VariantOutcome:
+    import mlflow
+
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, M.LATENCY_BY_PROMPT_LEN_MS)
+    curve = {int(m.step): m.value for m in history}
+    return VariantOutcome(
+        variant=spec.name, status=run.data.tags.get(M.STATUS_TAG, "failed"), run_id=run.info.run_id,
+        build_only=run.data.tags.get(BUILD_ONLY_TAG) == "true", error=run.data.tags.get(M.ERROR_TAG),
+        metrics=dict(run.data.metrics), latency_curve=curve,
+    )
+
+
+def _table(outcomes: list[VariantOutcome]):
+    import pandas as pd
+
+    rows = []
+    for o in outcomes:
+        row = {"variant": o.variant, "status": o.status, "build_only": o.build_only, "run_id": o.run_id,
+               "error": o.error or ""}
+        row.update({k: o.metrics.get(k) for k in M.VARIANT_METRICS})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _log_sweep_artifacts(outcomes: list[VariantOutcome], parent_run_id: str, report_dir: Path):
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    table = _table(outcomes)
+    paths = report.write_report(table, report_dir, parent_run_id)
+    for p in paths.values():
+        mlflow.log_artifact(str(p))
+    mlflow.log_table(table.drop(columns=["error"]).astype({"build_only": bool}), "variants_table.json")
+    curves = {o.variant: o.latency_curve for o in outcomes if o.latency_curve}
+    if curves:
+        fig = report.latency_curve_figure(curves)
+        mlflow.log_figure(fig, "latency_by_prompt_len.png")
+        plt.close(fig)
+    return table
+
+
+def run_sweep(req: SweepRequest | None = None, *, resume_run_id: str | None = None,
+              progress: bool = True, echo: Callable[[str], None] = print) -> SweepResult:
+    """Convert, measure and log every variant of req.model under one sweep run.
+
+    Args:
+        req: the sweep to run; None with ``resume_run_id`` replays the request logged on that run.
+        resume_run_id: an earlier sweep run to complete: variants already logged as ok are kept,
+            spooled measurements are replayed, the rest are measured.
+        progress: show progress bars.
+        echo: where to print the log lines (the CLI passes click.echo).
+
+    Example:
+        >>> run_sweep(SweepRequest(model="./my-finetuned-model", variants="fp32,int4"))  # doctest: +SKIP
+    """
+    import mlflow
+
+    from mlflow_slmops import convert
+
+    exp_id = tracking.configure()  # a dead tracking server is reported before any conversion work
+    client = mlflow.MlflowClient()
+    if resume_run_id:
+        req = _load_request(client, resume_run_id)
+    if req is None:
+        raise SlmopsError("no sweep to run", "pass --model, or --resume with a sweep run ID")
+    specs = _resolve_specs(req)
+    convert.check_hf_model_dir(req.model, trust_remote_code=req.trust_remote_code)
+    existing = _existing_children(client, resume_run_id) if resume_run_id else {}
+
+    start_kwargs = {"run_id": resume_run_id} if resume_run_id else {
+        "run_name": f"sweep-{Path(req.model).name}", "tags": {M.ROLE_TAG: M.ROLE_SWEEP}}
+    with mlflow.start_run(**start_kwargs) as parent:
+        parent_id = parent.info.run_id
+        mlflow.set_tag(M.ROLE_TAG, M.ROLE_SWEEP)
+        if not resume_run_id:
+            mlflow.log_params({**req.params(), **tool_versions(), **machine_fingerprint()})
+            mlflow.log_dict(asdict(req), REQUEST_ARTIFACT)
+        echo(f"Sweep run {parent_id} in experiment {parent.info.experiment_id}: "
+             f"{', '.join(s.name for s in specs)}")
+        outcomes = _sweep_variants(req, specs, existing, parent_id, progress, echo)
+        report_dir = Path(req.output) / "report"
+        table = with_retry("the sweep report", lambda: _log_sweep_artifacts(outcomes, parent_id, report_dir),
+                           f"run `slmops sweep --resume {parent_id}` when the server is back")
+    return SweepResult(parent_id, parent.info.experiment_id, outcomes, table, str(report_dir))
+
+
+def _sweep_variants(req, specs, existing, parent_id, progress, echo) -> list[VariantOutcome]:
+    from mlflow_slmops import convert
+    from mlflow_slmops.progress import sweep_progress
+
+    spool = Spool(Path(req.output) / SPOOL_DIRNAME / parent_id)
+    resume_hint = f"run `slmops sweep --resume {parent_id}` when the tracking server is back"
+    outcomes: list[VariantOutcome] = []
+    baseline_dir: str | None = None
+    baseline_size: int | None = None
+    with sweep_progress(len(specs), enabled=progress) as bar:
+        for spec in specs:
+            bar.stage(spec.name, "convert")
+            conv = convert.convert_variant(req.model, spec, str(Path(req.output) / spec.name),
+                                           cache_dir=req.cache_dir, trust_remote_code=req.trust_remote_code)
+            if spec.name == BASELINE_VARIANT and conv.status == "ok":
+                baseline_dir, baseline_size = conv.output_dir, conv.size_bytes
+            echo(f"  {spec.name}: {conv.status} -> {conv.output_dir or conv.error}")
+            prior = existing.get(spec.name)
+            if prior is not None and prior.data.tags.get(M.STATUS_TAG) == "ok":
+                outcomes.append(_outcome_from_run(prior, spec))
+                bar.advance()
+                continue
+            outcomes.append(_run_one(req, spec, conv, baseline_dir, baseline_size, spool,
+                                     prior.info.run_id if prior else None, resume_hint, bar))
+            bar.advance()
+    return outcomes
+
+
+def _run_one(req, spec, conv, baseline_dir, baseline_size, spool, child_id, resume_hint, bar) -> VariantOutcome:
+    size_metrics = {}
+    if conv.status == "ok":
+        size_metrics = {M.SIZE_MB: conv.size_bytes / 2**20, M.CONVERT_S: conv.convert_s}
+        if baseline_size:
+            size_metrics[M.COMPRESSION_RATIO] = baseline_size / conv.size_bytes
+    measured = spool.read(spec.name)
+    error = None
+    if conv.status == "ok" and not spec.build_only and measured is None:
+        bar.stage(spec.name, "measure")
+        try:
+            measured = measure_variant(conv.output_dir, req, baseline_dir)
+            spool.write(spec.name, measured)
+        except SlmopsError as exc:
+            error = f"measurement failed: {exc.message}"
+    bar.stage(spec.name, "log")
+    if error:
+        run_id = with_retry(spec.name, lambda: _mark_failed(child_id, spec, conv, error), resume_hint)
+        return VariantOutcome(spec.name, "failed", run_id, conv.output_dir, spec.build_only, error)
+    run_id = with_retry(spec.name, lambda: _log_variant_run(spec, conv, size_metrics, measured, child_id), resume_hint)
+    spool.drop(spec.name)
+    status = "ok" if conv.status == "ok" else "failed"
+    return VariantOutcome(spec.name, status, run_id, conv.output_dir, spec.build_only, conv.error,
+                          {**size_metrics, **(measured or {}).get("metrics", {})},
+                          (measured or {}).get("latency_curve", {}))
