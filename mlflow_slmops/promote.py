@@ -181,7 +181,7 @@ def promote(sweep_run_id: str, name: str, alias: str = DEFAULT_ALIAS,
         champion = choose(candidates, constraints)
     finally:
         _log_decision(sweep_run_id, name, candidates)
-    version = mlflow.register_model(f"runs:/{champion.run_id}/model", name)
+    version = mlflow.register_model(_model_uri_of(client, champion.run_id), name)
     client.set_registered_model_alias(name, alias, version.version)
     tags = {"slmops.sweep_run_id": sweep_run_id, "slmops.variant": champion.variant,
             "slmops.objective": constraints.objective}
@@ -189,6 +189,16 @@ def promote(sweep_run_id: str, name: str, alias: str = DEFAULT_ALIAS,
     for key, value in tags.items():
         client.set_model_version_tag(name, version.version, key, value)
     return PromotionResult(name, str(version.version), alias, f"models:/{name}@{alias}", champion, candidates)
+
+
+def _model_uri_of(client, run_id: str) -> str:
+    """The logged model of a variant run (MLflow 3 LoggedModel), as a models:/ URI."""
+    run = client.get_run(run_id)
+    found = client.search_logged_models([run.info.experiment_id],
+                                        filter_string=f"source_run_id = '{run_id}' AND name = 'model'", max_results=1)
+    if not found:
+        raise SlmopsError(f"variant run {run_id} has no logged model named 'model'", "re-run the sweep for this variant")
+    return f"models:/{found[0].model_id}"
 
 
 def _log_decision(sweep_run_id: str, name: str, candidates: list[Candidate]) -> None:
