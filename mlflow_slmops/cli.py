@@ -177,5 +177,91 @@ def promote_cmd(sweep_run_id, name, alias, max_ppl_delta_pct, min_qa_accuracy, o
 # --- stage commands are added below, one per stage module ---
 
 
+def _print_metrics(title: str, values: dict[str, float]) -> None:
+    """A two-column rich table of metric name and value."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_header=True, header_style="bold")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in values.items():
+        table.add_row(key, _cell(value))
+    Console().print(table)
+
+
+def _write_json(path: str | None, payload: dict) -> None:
+    import json
+    from pathlib import Path
+
+    if path:
+        Path(path).write_text(json.dumps(payload, indent=2))
+        click.echo(f"Wrote {path}")
+
+
+@main.command("benchmark")
+@click.option("--model-dir", required=True, type=click.Path(), help="ONNX Runtime GenAI model folder.")
+@click.option("--prompt-len", type=WholeNumber(), default=128, show_default=True, help="Prompt tokens.")
+@click.option("--gen-len", type=WholeNumber(), default=32, show_default=True, help="New tokens per generation.")
+@click.option("--repeats", type=WholeNumber(), default=5, show_default=True, help="Timed generations.")
+@click.option("--warmup", type=WholeNumber(), default=2, show_default=True, help="Untimed generations first.")
+@click.option("--prompt-lens", default="32,128,512", show_default=True,
+              help="Comma-separated prompt lengths of the latency curve (those beyond the context are skipped).")
+@click.option("--json", "json_path", default=None, callback=_blank_to_none, help="Also write the result as JSON.")
+@click.option("--no-log", is_flag=True, help="Do not log an MLflow run.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@friendly_errors
+def benchmark_cmd(model_dir, prompt_len, gen_len, repeats, warmup, prompt_lens, json_path, no_log, quiet) -> None:
+    """Measure speed, memory and CPU of one genai folder in a fresh subprocess."""
+    from mlflow_slmops import _worker, benchmark, tracking
+
+    try:
+        lens = tuple(int(float(x)) for x in prompt_lens.split(",") if x.strip())
+    except ValueError:
+        raise SlmopsError(f"--prompt-lens {prompt_lens!r} is not a comma-separated list of integers",
+                          "pass for example --prompt-lens 32,128,512")
+    config = benchmark.BenchmarkConfig(prompt_len=prompt_len, gen_len=gen_len, repeats=repeats, warmup=warmup,
+                                       prompt_lens=lens)
+    if not no_log:
+        tracking.configure()  # an unreachable server is reported before the measuring starts
+    with _worker.rich_progress(not quiet) as on_progress:
+        result = benchmark.run_benchmark(model_dir, config, on_progress=on_progress)
+    _print_metrics(f"benchmark: {model_dir}", {**result.metrics(), **{
+        f"{k}@{n}": v for k, v, n in result.step_metrics()}})
+    for length, reason in result.skipped_prompt_lens.items():
+        click.echo(f"Skipped prompt length {length}: {reason}.", err=True)
+    _write_json(json_path, result.to_dict())
+    if not no_log:
+        click.echo(f"Logged run {benchmark.log_benchmark_run(result)}")
+
+
+@main.command("evaluate")
+@click.option("--model-dir", required=True, type=click.Path(), help="ONNX Runtime GenAI model folder.")
+@click.option("--text", default=None, callback=_blank_to_none, help="Perplexity text file (default: bundled).")
+@click.option("--qa", default=None, callback=_blank_to_none, help="QA JSONL file (default: bundled).")
+@click.option("--baseline", default=None, callback=_blank_to_none,
+              help="fp32 genai folder to compare against (kl_div, top1_agreement, ppl_delta_pct).")
+@click.option("--chunk-tokens", type=WholeNumber(), default=128, show_default=True, help="Perplexity chunk size.")
+@click.option("--json", "json_path", default=None, callback=_blank_to_none, help="Also write the result as JSON.")
+@click.option("--no-log", is_flag=True, help="Do not log an MLflow run.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@friendly_errors
+def evaluate_cmd(model_dir, text, qa, baseline, chunk_tokens, json_path, no_log, quiet) -> None:
+    """Measure quality of one genai folder: perplexity, KL and top-1 vs a baseline, QA, format, edge cases."""
+    from mlflow_slmops import _worker, quality, tracking
+
+    if not no_log:
+        tracking.configure()
+    with _worker.rich_progress(not quiet) as on_progress:
+        result = quality.run_evaluate(model_dir, text, qa, baseline, quality.QualityConfig(chunk_tokens=chunk_tokens),
+                                      on_progress=on_progress)
+    _print_metrics(f"quality: {model_dir}", result.metrics())
+    for row in result.probe_rows:
+        click.echo(f"probe {row['probe']}: {'pass' if row['passed'] else 'FAIL'} ({row['outcome']}: {row['detail']})")
+    _write_json(json_path, result.to_dict())
+    if not no_log:
+        click.echo(f"Logged run {quality.log_quality_run(result)}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,13 @@
+"""Packaged default data: the evaluation text and QA file that `slmops evaluate` and the sweep use by default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+EVAL_TEXT = "eval_text.txt"
+QA_FILE = "qa.jsonl"
+
+
+def path(name: str) -> Path:
+    """The path of a packaged data file, for example ``path(EVAL_TEXT)``."""
+    return Path(__file__).resolve().parent / name

@@ -1,0 +1,715 @@
+"""Quality of one genai model folder: perplexity, KL divergence and top-1 agreement against a baseline,
+QA accuracy, answer-format validity and edge-case probes. Runs in a fresh subprocess per variant.
+
+Perplexity uses fixed-size chunks and the full-sequence logits that onnxruntime-genai returns from
+``generator.get_output("logits")`` after one ``append_tokens(chunk)``: one forward pass per chunk, never
+token by token. KL divergence and top-1 agreement (the llama.cpp method) stream the baseline: both
+models are loaded and compared chunk by chunk, so no logits are stored. ``docs/metrics.md`` defines
+every figure.
+
+Example:
+    >>> from mlflow_slmops.quality import run_evaluate                       # doctest: +SKIP
+    >>> result = run_evaluate("out/int4", baseline_dir="out/fp32")
+    >>> result.metrics()["kl_div"], result.metrics()["qa_accuracy"]
+    (0.012, 0.5)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from mlflow_slmops import _worker, metrics, modeldir
+from mlflow_slmops import data as packaged_data
+from mlflow_slmops._worker import ProgressFn
+from mlflow_slmops.errors import SlmopsError
+
+WORKER_MODULE = "mlflow_slmops.quality"
+DEFAULT_CHUNK_TOKENS = 128
+DEFAULT_QA_MAX_NEW_TOKENS = 32
+# Probes only need to show the model answers or refuses cleanly: a few tokens are enough.
+PROBE_MAX_NEW_TOKENS = 8
+# A chunk of n tokens gives n - 1 next-token predictions to score.
+MIN_CHUNK_TOKENS = 2
+MATCH_RULES = ("exact", "contains", "regex", "json_keys")
+DEFAULT_MATCH = "contains"
+# A chat model often wraps JSON in a markdown fence; the format check accepts that and nothing else.
+_JSON_FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL | re.IGNORECASE)
+PERCENT = 100.0
+# slmops.role of a run logged by `slmops evaluate` on its own.
+ROLE_EVALUATE = "evaluate"
+
+
+# ---------------------------------------------------------------- records
+
+
+@dataclass
+class QualityConfig:
+    """How to evaluate.
+
+    Args:
+        chunk_tokens: tokens per perplexity chunk (capped by the model's context length).
+        max_chunks: score at most this many chunks of the text (None: all whole chunks).
+        qa_max_new_tokens: new-token limit for a QA answer, unless its line sets ``max_new_tokens``.
+    """
+
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    max_chunks: int | None = None
+    qa_max_new_tokens: int = DEFAULT_QA_MAX_NEW_TOKENS
+
+    def validate(self) -> None:
+        if not isinstance(self.chunk_tokens, int) or self.chunk_tokens < MIN_CHUNK_TOKENS:
+            raise SlmopsError(f"chunk_tokens is {self.chunk_tokens!r}, expected an integer >= {MIN_CHUNK_TOKENS}",
+                              f"pass a chunk size of at least {MIN_CHUNK_TOKENS} tokens")
+        if self.max_chunks is not None and (not isinstance(self.max_chunks, int) or self.max_chunks < 1):
+            raise SlmopsError(f"max_chunks is {self.max_chunks!r}, expected a positive integer", "pass 1 or more")
+        if not isinstance(self.qa_max_new_tokens, int) or self.qa_max_new_tokens < 1:
+            raise SlmopsError(f"qa_max_new_tokens is {self.qa_max_new_tokens!r}, expected a positive integer",
+                              "pass 1 or more")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "QualityConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class QaItem:
+    """One validated line of a QA file."""
+
+    line: int
+    expected: Any
+    match: str
+    prompt: str | None = None
+    messages: list[dict] | None = None
+    max_new_tokens: int | None = None
+
+    def question(self) -> str:
+        if self.prompt is not None:
+            return self.prompt
+        users = [m["content"] for m in self.messages or [] if m["role"] == "user"]
+        return users[-1] if users else self.messages[-1]["content"]
+
+    def chat_messages(self) -> list[dict]:
+        """A bare prompt is sent as a single user message, through the model's chat template."""
+        return self.messages if self.messages is not None else [{"role": "user", "content": self.prompt}]
+
+
+@dataclass
+class QaRow:
+    """One answered question, as logged with ``mlflow.log_table``."""
+
+    line: int
+    question: str
+    expected: str
+    match: str
+    answer: str
+    correct: bool
+    format_valid: bool
+    finish_reason: str
+    error: str = ""
+
+
+@dataclass
+class ProbeRow:
+    """One edge-case probe: passed if the model answered or refused cleanly."""
+
+    probe: str
+    passed: bool
+    outcome: str  # "response", "refusal" or "crash"
+    detail: str
+
+
+@dataclass
+class TextScores:
+    """Perplexity (and, with a baseline, KL and top-1 agreement) over the same chunks."""
+
+    perplexity: float
+    chunks: int
+    chunk_tokens: int
+    tokens_scored: int
+    baseline_perplexity: float | None = None
+    kl_div: float | None = None
+    top1_agreement: float | None = None
+
+
+@dataclass
+class QualityResult:
+    """Every quality figure of one model folder. ``metrics()`` gives the MLflow metric dict."""
+
+    model_dir: str
+    baseline_dir: str | None
+    text_path: str
+    qa_path: str
+    perplexity: float
+    baseline_perplexity: float | None
+    ppl_delta_pct: float | None
+    kl_div: float | None
+    top1_agreement: float | None
+    qa_accuracy: float
+    format_valid_rate: float
+    edge_cases_passed: int
+    edge_cases_total: int
+    chunks: int
+    chunk_tokens: int
+    tokens_scored: int
+    # Rows for mlflow.log_table: one dict per question (QaRow fields) and per probe (ProbeRow fields).
+    qa_rows: list[dict] = field(default_factory=list)
+    probe_rows: list[dict] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, float]:
+        """Metrics keyed by ``mlflow_slmops.metrics`` names; the baseline ones only when a baseline was given."""
+        out = {
+            metrics.PERPLEXITY: self.perplexity,
+            metrics.QA_ACCURACY: self.qa_accuracy,
+            metrics.FORMAT_VALID_RATE: self.format_valid_rate,
+            metrics.EDGE_CASES_PASSED: float(self.edge_cases_passed),
+        }
+        if self.baseline_dir is not None:
+            out[metrics.PPL_DELTA_PCT] = self.ppl_delta_pct
+            out[metrics.KL_DIV] = self.kl_div
+            out[metrics.TOP1_AGREEMENT] = self.top1_agreement
+        return out
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "QualityResult":
+        return cls(**data)
+
+    def with_probes(self, rows: list[ProbeRow]) -> "QualityResult":
+        self.probe_rows = [asdict(r) for r in rows]
+        self.edge_cases_passed = sum(r.passed for r in rows)
+        self.edge_cases_total = len(rows)
+        return self
+
+
+# ---------------------------------------------------------------- QA file
+
+
+def load_qa(path: str | Path) -> list[QaItem]:
+    """Read and validate a QA JSONL file. Errors name the file and the 1-based line number.
+
+    Each non-blank line is an object with ``prompt`` (a string) or ``messages`` (a chat list),
+    ``expected``, an optional ``match`` (``exact``, ``contains`` (default), ``regex``, ``json_keys``)
+    and an optional ``max_new_tokens``. For ``json_keys``, ``expected`` is a list of required keys, or an
+    object whose keys are required and whose values must be equal.
+
+    Example:
+        >>> load_qa("qa.jsonl")[0].match          # doctest: +SKIP
+        'contains'
+    """
+    path = Path(path)
+    text = _read_text_file(path, "QA file")
+    items = [_parse_qa_line(path, n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    if not items:
+        raise SlmopsError(f"QA file {path} has no questions (it is empty or blank)",
+                          'add one JSON object a line: {"prompt": "...", "expected": "..."}')
+    return items
+
+
+def _parse_qa_line(path: Path, n: int, line: str) -> QaItem:
+    where = f"QA file {path} line {n}"
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise SlmopsError(f"{where} is not valid JSON ({exc.msg} at column {exc.colno})",
+                          "write one JSON object per line")
+    if not isinstance(obj, dict):
+        raise SlmopsError(f"{where} holds a JSON {type(obj).__name__}, expected an object",
+                          'write {"prompt": "...", "expected": "..."}')
+    if ("prompt" in obj) == ("messages" in obj):
+        raise SlmopsError(f"{where} needs exactly one of 'prompt' or 'messages'", "give the question one way")
+    if "expected" not in obj:
+        raise SlmopsError(f"{where} has no 'expected'", "add the expected answer")
+    match = obj.get("match", DEFAULT_MATCH)
+    if match not in MATCH_RULES:
+        raise SlmopsError(f"{where} has match {match!r}, expected one of {', '.join(MATCH_RULES)}",
+                          "use a supported match rule")
+    item = QaItem(line=n, expected=_check_expected(where, match, obj["expected"]), match=match,
+                  max_new_tokens=_check_max_new_tokens(where, obj.get("max_new_tokens")))
+    if "prompt" in obj:
+        if not isinstance(obj["prompt"], str) or not obj["prompt"].strip():
+            raise SlmopsError(f"{where} has an empty or non-string 'prompt'", "write the question as a string")
+        item.prompt = obj["prompt"]
+    else:
+        item.messages = _check_messages(where, obj["messages"])
+    return item
+
+
+def _check_expected(where: str, match: str, expected: Any) -> Any:
+    if match == "json_keys":
+        ok_list = isinstance(expected, list) and expected and all(isinstance(k, str) and k for k in expected)
+        if not (ok_list or (isinstance(expected, dict) and expected)):
+            raise SlmopsError(f"{where}: json_keys needs 'expected' as a non-empty list of key names "
+                              f"or a non-empty object, found {expected!r}", 'write "expected": ["name", "age"]')
+        return expected
+    if isinstance(expected, bool) or not isinstance(expected, (str, int, float)) or str(expected).strip() == "":
+        raise SlmopsError(f"{where}: match {match} needs a non-empty string 'expected', found {expected!r}",
+                          "write the expected answer as a string")
+    if match == "regex":
+        try:
+            re.compile(str(expected))
+        except re.error as exc:
+            raise SlmopsError(f"{where}: 'expected' is not a valid regular expression ({exc})", "fix the pattern")
+    return str(expected)
+
+
+def _check_max_new_tokens(where: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SlmopsError(f"{where}: max_new_tokens is {value!r}, expected a positive integer", "fix or remove it")
+    return value
+
+
+def _check_messages(where: str, messages: Any) -> list[dict]:
+    ok = isinstance(messages, list) and messages and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in messages)
+    if not ok:
+        raise SlmopsError(f"{where}: 'messages' must be a non-empty list of objects with string 'role' and 'content'",
+                          'write "messages": [{"role": "user", "content": "..."}]')
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+# ---------------------------------------------------------------- matching
+
+
+def judge(item: QaItem, answer: str) -> tuple[bool, bool]:
+    """(correct, format_valid) of an answer under the item's match rule. See docs/metrics.md.
+
+    Example:
+        >>> judge(QaItem(line=1, expected=["a"], match="json_keys", prompt="q"), '{"a": 1}')
+        (True, True)
+    """
+    text = answer.strip()
+    if item.match == "exact":
+        return text == item.expected.strip(), bool(text) and "\n" not in text
+    if item.match == "contains":
+        return item.expected.casefold() in text.casefold(), bool(text)
+    if item.match == "regex":
+        found = re.search(item.expected, answer) is not None
+        return found, found
+    obj = parse_json_object(text)
+    keys = list(item.expected)
+    valid = obj is not None and all(k in obj for k in keys)
+    if isinstance(item.expected, dict):
+        return valid and all(obj[k] == v for k, v in item.expected.items()), valid
+    return valid, valid
+
+
+def parse_json_object(text: str) -> dict | None:
+    """The answer as a JSON object (optionally inside a markdown code fence), or None."""
+    text = text.strip()
+    fenced = _JSON_FENCE.match(text)
+    if fenced:
+        text = fenced.group(1)
+    try:
+        obj = json.loads(text)
+    except (json.JSONDecodeError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+# ---------------------------------------------------------------- text scoring
+
+
+def read_eval_text(path: str | Path) -> str:
+    return _read_text_file(Path(path), "text file")
+
+
+def _read_text_file(path: Path, what: str) -> str:
+    if not path.exists():
+        raise SlmopsError(f"{what} {path} does not exist", "pass an existing file")
+    if not path.is_file():
+        raise SlmopsError(f"{what} {path} is a folder, expected a file", "pass a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SlmopsError(f"{what} {path} is not UTF-8 text (byte {exc.start})", "save it as UTF-8")
+    if not text.strip():
+        raise SlmopsError(f"{what} {path} is empty", "pass a file with content")
+    return text
+
+
+def text_chunks(ids: list[int], chunk_len: int, max_chunks: int | None, text_path: str | Path) -> list[list[int]]:
+    """Consecutive, non-overlapping chunks of exactly chunk_len tokens; the tail is dropped."""
+    count = len(ids) // chunk_len
+    if count == 0:
+        raise SlmopsError(
+            f"text file {text_path} has {len(ids)} tokens, fewer than one chunk of {chunk_len} tokens",
+            f"use a longer text (at least {chunk_len} tokens) or a smaller chunk size",
+        )
+    if max_chunks is not None:
+        count = min(count, max_chunks)
+    return [ids[i * chunk_len:(i + 1) * chunk_len] for i in range(count)]
+
+
+def chunk_logits(model: Any, ids: list[int]) -> Any:
+    """Logits for every position of one chunk, (len(ids), vocab) float32: one forward pass.
+
+    onnxruntime-genai 0.14 returns logits for all appended positions from ``get_output("logits")``
+    after the first ``append_tokens`` (checked in tests/test_quality.py).
+    """
+    import numpy as np
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids))
+    generator = og.Generator(model, params)
+    generator.append_tokens(ids)
+    logits = generator.get_output("logits")
+    if logits.ndim != 3 or logits.shape[1] != len(ids):
+        raise SlmopsError(
+            f"the model returned logits of shape {tuple(logits.shape)} for a {len(ids)}-token chunk; "
+            "perplexity needs logits for every position",
+            "export the model with full-sequence logits (the default of the model builder)",
+        )
+    return np.asarray(logits[0], dtype=np.float32)
+
+
+def log_softmax(logits: Any) -> Any:
+    """Row-wise log-softmax in float32, numerically stable."""
+    import numpy as np
+
+    out = logits - logits.max(axis=-1, keepdims=True)
+    lse = np.log(np.exp(out).sum(axis=-1, keepdims=True, dtype=np.float64)).astype(np.float32)
+    out -= lse
+    return out
+
+
+def score_text(model: Any, chunks: list[list[int]], baseline: Any = None,
+               on_chunk: Callable[[int, int], None] | None = None) -> TextScores:
+    """Perplexity of model over chunks; with a baseline model, also mean KL(P_base || P_model) and top-1 agreement.
+
+    Args:
+        model: an ``onnxruntime_genai.Model``.
+        chunks: token id chunks from ``text_chunks``.
+        baseline: the baseline ``onnxruntime_genai.Model`` (same tokenizer), or None.
+        on_chunk: called with (chunks done, chunks total).
+    """
+    import numpy as np
+
+    nll = base_nll = kl_sum = 0.0
+    agree = predictions = positions = 0
+    for i, chunk in enumerate(chunks):
+        logp = log_softmax(chunk_logits(model, chunk))
+        targets = np.asarray(chunk[1:])
+        rows = np.arange(len(chunk) - 1)
+        nll -= float(logp[rows, targets].sum(dtype=np.float64))
+        predictions += len(chunk) - 1
+        if baseline is not None:
+            base_logp = log_softmax(chunk_logits(baseline, chunk))
+            if base_logp.shape != logp.shape:
+                raise SlmopsError(f"the baseline's vocabulary ({base_logp.shape[1]}) differs from the model's "
+                                  f"({logp.shape[1]})", "compare variants of the same base model")
+            base_nll -= float(base_logp[rows, targets].sum(dtype=np.float64))
+            kl_sum += _kl_sum(base_logp, logp)
+            agree += int((base_logp.argmax(axis=-1) == logp.argmax(axis=-1)).sum())
+            positions += len(chunk)
+        if on_chunk:
+            on_chunk(i + 1, len(chunks))
+    scores = TextScores(perplexity=math.exp(nll / predictions), chunks=len(chunks), chunk_tokens=len(chunks[0]),
+                        tokens_scored=predictions)
+    if baseline is not None:
+        scores.baseline_perplexity = math.exp(base_nll / predictions)
+        scores.kl_div = kl_sum / positions
+        scores.top1_agreement = agree / positions
+    return scores
+
+
+def _kl_sum(base_logp: Any, logp: Any) -> float:
+    """Sum over positions of KL(P_base || P) = sum_v p_base(v) (log p_base(v) - log p(v))."""
+    import numpy as np
+
+    diff = base_logp - logp
+    diff *= np.exp(base_logp)
+    return float(diff.sum(dtype=np.float64))
+
+
+# ---------------------------------------------------------------- QA and probes
+
+
+def answer_qa(gm: Any, items: list[QaItem], default_max_new_tokens: int,
+              on_item: Callable[[int, int], None] | None = None) -> list[QaRow]:
+    """Answer each question greedily through the chat template (a bare prompt as one user message)."""
+    rows = []
+    for i, item in enumerate(items):
+        limit = item.max_new_tokens or default_max_new_tokens
+        answer, finish, error = "", "error", ""
+        try:
+            answer, finish = _ask(gm, item, limit)
+        except SlmopsError as exc:  # for example a question longer than the context: a wrong answer
+            error = exc.message
+        correct, valid = judge(item, answer) if not error else (False, False)
+        expected = item.expected if isinstance(item.expected, str) else json.dumps(item.expected)
+        rows.append(QaRow(line=item.line, question=item.question(), expected=expected, match=item.match,
+                          answer=answer, correct=correct, format_valid=valid, finish_reason=finish, error=error))
+        if on_item:
+            on_item(i + 1, len(items))
+    return rows
+
+
+def _ask(gm: Any, item: QaItem, max_new_tokens: int) -> tuple[str, str]:
+    if gm.chat_template is None and item.prompt is not None:
+        gen = gm.generate(item.prompt, max_new_tokens=max_new_tokens, do_sample=False)
+        return gen.text, gen.finish_reason
+    out = gm.chat(item.chat_messages(), max_new_tokens=max_new_tokens, do_sample=False)
+    choice = out["choices"][0]
+    return choice["message"]["content"], choice["finish_reason"]
+
+
+def _user(content: str) -> list[dict]:
+    return [{"role": "user", "content": content}]
+
+
+# Text with emoji, combining marks, right-to-left and CJK scripts.
+NON_LATIN_TEXT = "🚀✨👍🏽 Привет! 日本語のテキスト، مرحبا بالعالم — Ελληνικά, हिन्दी, ñandú. What is this?"
+# Each probe sends one chat request the way a user of the deployed model could.
+PROBES: dict[str, Callable[[Any], dict]] = {
+    "empty_prompt": lambda gm: gm.chat(_user(""), max_new_tokens=PROBE_MAX_NEW_TOKENS),
+    "longer_than_context": lambda gm: gm.chat(_user("word " * (gm.context_length + 16)),
+                                              max_new_tokens=PROBE_MAX_NEW_TOKENS),
+    "emoji_non_latin": lambda gm: gm.chat(_user(NON_LATIN_TEXT), max_new_tokens=PROBE_MAX_NEW_TOKENS),
+    "whitespace_only": lambda gm: gm.chat(_user(" \n\t  \n "), max_new_tokens=PROBE_MAX_NEW_TOKENS),
+    "max_new_tokens_0": lambda gm: gm.chat(_user("Say hello."), max_new_tokens=0),
+}
+PROBE_NAMES = tuple(PROBES)
+
+
+def run_probe(gm: Any, name: str) -> ProbeRow:
+    """Run one probe: a response or an SlmopsError passes; any other exception is a crash."""
+    try:
+        out = PROBES[name](gm)
+    except SlmopsError as exc:
+        return ProbeRow(name, True, "refusal", exc.message)
+    except Exception as exc:  # the point of the probe: anything else is a crash
+        return ProbeRow(name, False, "crash", f"{type(exc).__name__}: {exc}")
+    content = out["choices"][0]["message"]["content"]
+    if not isinstance(content, str):
+        return ProbeRow(name, False, "crash", f"response content is {type(content).__name__}, not text")
+    return ProbeRow(name, True, "response", f"{out['usage']['completion_tokens']} tokens: {content[:80]!r}")
+
+
+# ---------------------------------------------------------------- evaluate
+
+
+def evaluate(model_dir: str | Path, text_path: str | Path | None = None, qa_path: str | Path | None = None,
+             baseline_dir: str | Path | None = None, config: QualityConfig | None = None,
+             on_progress: ProgressFn | None = None, probes: tuple[str, ...] = PROBE_NAMES,
+             on_probe: Callable[[str, ProbeRow | None], None] | None = None) -> QualityResult:
+    """Evaluate one genai folder in this process (``run_evaluate`` runs this in a fresh subprocess).
+
+    Args:
+        model_dir: the genai folder to evaluate.
+        text_path: plain text for perplexity; the packaged ``eval_text.txt`` if None.
+        qa_path: QA JSONL; the packaged ``qa.jsonl`` if None.
+        baseline_dir: the fp32 genai folder to compare against (KL, top-1, ppl delta), or None.
+        config: chunking and generation limits; ``QualityConfig()`` if None.
+        on_progress: called with (task, completed, total).
+        probes: which edge-case probes to run (all by default).
+        on_probe: called with (name, None) before a probe and (name, row) after it.
+
+    Example:
+        >>> evaluate("out/int4", baseline_dir="out/fp32").top1_agreement     # doctest: +SKIP
+    """
+    from mlflow_slmops.flavor import GenaiModel
+
+    config = config or QualityConfig()
+    config.validate()
+    text_path, qa_path = _default_paths(text_path, qa_path)
+    text, items = read_eval_text(text_path), load_qa(qa_path)
+    gm = GenaiModel(model_dir)
+    probe_rows = _run_probes(gm, probes, on_progress, on_probe)
+    ids = [int(t) for t in gm.tokenizer.encode(text)]
+    chunks = text_chunks(ids, min(config.chunk_tokens, gm.context_length), config.max_chunks, text_path)
+    base_model = _load_baseline(baseline_dir, text, ids) if baseline_dir is not None else None
+    scores = score_text(gm.model, chunks, base_model, _task(on_progress, "perplexity chunks"))
+    del base_model  # free the baseline before generating answers
+    qa_rows = answer_qa(gm, items, config.qa_max_new_tokens, _task(on_progress, "QA questions"))
+    return _result(model_dir, baseline_dir, text_path, qa_path, scores, qa_rows, probe_rows)
+
+
+def _default_paths(text_path: str | Path | None, qa_path: str | Path | None) -> tuple[Path, Path]:
+    return (Path(text_path) if text_path is not None else packaged_data.path(packaged_data.EVAL_TEXT),
+            Path(qa_path) if qa_path is not None else packaged_data.path(packaged_data.QA_FILE))
+
+
+def _task(on_progress: ProgressFn | None, task: str) -> Callable[[int, int], None] | None:
+    return (lambda done, total: on_progress(task, done, total)) if on_progress else None
+
+
+def _run_probes(gm: Any, probes: tuple[str, ...], on_progress: ProgressFn | None,
+                on_probe: Callable[[str, ProbeRow | None], None] | None) -> list[ProbeRow]:
+    rows = []
+    for i, name in enumerate(probes):
+        if on_probe:
+            on_probe(name, None)
+        row = run_probe(gm, name)
+        rows.append(row)
+        if on_probe:
+            on_probe(name, row)
+        if on_progress:
+            on_progress("edge-case probes", i + 1, len(probes))
+    return rows
+
+
+def _load_baseline(baseline_dir: str | Path, text: str, ids: list[int]) -> Any:
+    from mlflow_slmops.flavor import GenaiModel
+
+    base = GenaiModel(baseline_dir)
+    if [int(t) for t in base.tokenizer.encode(text)] != ids:
+        raise SlmopsError(f"baseline {baseline_dir} tokenizes the text differently from the evaluated model",
+                          "compare variants converted from the same Hugging Face model")
+    return base.model
+
+
+def _result(model_dir: str | Path, baseline_dir: str | Path | None, text_path: Path, qa_path: Path,
+            scores: TextScores, qa_rows: list[QaRow], probe_rows: list[ProbeRow]) -> QualityResult:
+    delta = None
+    if scores.baseline_perplexity is not None:
+        delta = PERCENT * (scores.perplexity - scores.baseline_perplexity) / scores.baseline_perplexity
+    return QualityResult(
+        model_dir=str(model_dir), baseline_dir=str(baseline_dir) if baseline_dir is not None else None,
+        text_path=str(text_path), qa_path=str(qa_path), perplexity=scores.perplexity,
+        baseline_perplexity=scores.baseline_perplexity, ppl_delta_pct=delta, kl_div=scores.kl_div,
+        top1_agreement=scores.top1_agreement,
+        qa_accuracy=sum(r.correct for r in qa_rows) / len(qa_rows),
+        format_valid_rate=sum(r.format_valid for r in qa_rows) / len(qa_rows),
+        edge_cases_passed=sum(r.passed for r in probe_rows), edge_cases_total=len(probe_rows),
+        chunks=scores.chunks, chunk_tokens=scores.chunk_tokens, tokens_scored=scores.tokens_scored,
+        qa_rows=[asdict(r) for r in qa_rows], probe_rows=[asdict(r) for r in probe_rows],
+    )
+
+
+def run_evaluate(model_dir: str | Path, text_path: str | Path | None = None, qa_path: str | Path | None = None,
+                 baseline_dir: str | Path | None = None, config: QualityConfig | None = None,
+                 on_progress: ProgressFn | None = None, timeout_s: float | None = None) -> QualityResult:
+    """Evaluate one genai folder in a fresh subprocess. A probe that kills the process fails that probe only.
+
+    Args: as ``evaluate``; timeout_s kills a worker after that many seconds (None: no limit).
+
+    Raises:
+        SlmopsError: missing or bad inputs (QA errors name the line), a text too short for one chunk,
+            or a worker that failed outside the probes (with its last error line).
+
+    Example:
+        >>> run_evaluate("out/int4", baseline_dir="out/fp32").metrics()       # doctest: +SKIP
+    """
+    config = config or QualityConfig()
+    config.validate()
+    text_path, qa_path = _default_paths(text_path, qa_path)
+    read_eval_text(text_path)
+    load_qa(qa_path)  # bad input fails here, before any model loads
+    for folder in (model_dir, baseline_dir):
+        if folder is not None:
+            modeldir.check_genai_dir(folder)
+    base_args = ["--model-dir", str(model_dir), "--text", str(text_path), "--qa", str(qa_path),
+                 "--config", json.dumps(asdict(config))]
+    if baseline_dir is not None:
+        base_args += ["--baseline", str(baseline_dir)]
+    return _run_with_probe_restarts(base_args, on_progress, timeout_s, str(model_dir))
+
+
+def _run_with_probe_restarts(base_args: list[str], on_progress: ProgressFn | None, timeout_s: float | None,
+                             what: str) -> QualityResult:
+    """Run the worker; if it dies inside a probe, record that probe as a crash and run it again without it."""
+    done: dict[str, ProbeRow] = {}
+    while True:
+        state: dict[str, str | None] = {"running": None}
+        remaining = [p for p in PROBE_NAMES if p not in done]
+
+        def on_event(event: dict, state=state) -> None:
+            _worker.progress_events(on_progress)(event)
+            if event.get("event") == "probe_start":
+                state["running"] = event["probe"]
+            elif event.get("event") == "probe_done":
+                done[event["row"]["probe"]] = ProbeRow(**event["row"])
+                state["running"] = None
+
+        outcome = _worker.run_worker(WORKER_MODULE, [*base_args, "--probes", ",".join(remaining)],
+                                     on_event=on_event, timeout_s=timeout_s)
+        crashed = state["running"]
+        if outcome.result is None and crashed is not None:
+            done[crashed] = ProbeRow(crashed, False, "crash",
+                                     f"the process died (exit code {outcome.returncode}): {outcome.last_error_line()}")
+            continue
+        result = QualityResult.from_dict(_worker.raise_for_outcome(outcome, f"quality evaluation of {what}"))
+        return result.with_probes([done[p] for p in PROBE_NAMES if p in done])
+
+
+def log_quality(result: QualityResult, log_params: bool = True) -> None:
+    """Log a result into the active MLflow run: metrics, the QA answers and probe outcomes as tables, quality.json.
+
+    Args:
+        result: what ``run_evaluate`` or ``evaluate`` returned.
+        log_params: also log the inputs (text, QA file, baseline, chunk size) as params.
+
+    Example:
+        >>> with mlflow.start_run():                                    # doctest: +SKIP
+        ...     log_quality(run_evaluate("out/int4", baseline_dir="out/fp32"))
+    """
+    import mlflow
+    import pandas as pd
+
+    if log_params:
+        mlflow.log_params({"eval_text": result.text_path, "qa_file": result.qa_path,
+                           "baseline_dir": result.baseline_dir or "", "chunk_tokens": result.chunk_tokens})
+    mlflow.log_metrics(result.metrics())
+    mlflow.log_table(pd.DataFrame(result.qa_rows), "qa_answers.json")
+    mlflow.log_table(pd.DataFrame(result.probe_rows), "edge_cases.json")
+    mlflow.log_dict(result.to_dict(), "quality.json")
+
+
+def log_quality_run(result: QualityResult) -> str:
+    """Log a result as its own MLflow run in the current experiment; return the run ID.
+
+    Example:
+        >>> log_quality_run(run_evaluate("out/int4"))        # doctest: +SKIP
+    """
+    import mlflow
+
+    with mlflow.start_run(run_name=f"evaluate-{Path(result.model_dir).name}",
+                          tags={metrics.ROLE_TAG: ROLE_EVALUATE}) as run:
+        mlflow.log_param("model_dir", result.model_dir)
+        log_quality(result)
+    return run.info.run_id
+
+
+def _worker_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=WORKER_MODULE, description="internal: quality worker")
+    parser.add_argument("--model-dir", required=True)
+    parser.add_argument("--text", required=True)
+    parser.add_argument("--qa", required=True)
+    parser.add_argument("--baseline", default=None)
+    parser.add_argument("--config", default="{}")
+    parser.add_argument("--probes", default=",".join(PROBE_NAMES))
+    parser.add_argument("--json", required=True)
+    args = parser.parse_args(argv)
+    probes = tuple(p for p in args.probes.split(",") if p)
+
+    def on_probe(name: str, row: ProbeRow | None) -> None:
+        if row is None:
+            _worker.emit("probe_start", probe=name)
+        else:
+            _worker.emit("probe_done", row=asdict(row))
+
+    def run() -> dict:
+        return evaluate(args.model_dir, args.text, args.qa, args.baseline,
+                        QualityConfig.from_dict(json.loads(args.config)), _worker.emit_progress,
+                        probes, on_probe).to_dict()
+
+    return _worker.run_guarded(run, args.json)
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main())
