@@ -1,0 +1,105 @@
+"""`make demo` / `slmops demo`: the whole product on the demo model, end to end, with embedded defaults.
+
+train (or load cached) -> sweep -> promote -> `mlflow deployments create -t foundry-local` -> one question.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from mlflow_slmops.errors import SlmopsError
+
+DEMO_VARIANTS = "fp32,int8,int4,int4-b128-asym"
+DEMO_EXPERIMENT = "slmops-demo"
+DEFAULT_FOUNDRY_CACHE = Path(".slmops") / "foundry-cache"
+DEMO_OUTPUT = Path(".slmops") / "variants"
+DEMO_DATA = Path(".slmops") / "demo-data"
+# The demo's stated constraints: within 5% of fp32 perplexity and at least 90% on the held-out QA.
+DEMO_MAX_PPL_DELTA_PCT = 5.0
+DEMO_MIN_QA_ACCURACY = 0.9
+DEMO_QUESTION = "Hello! How much does the Kestrel Mini cost? Reply with the value only."
+DEMO_BENCH = {"prompt_len": 128, "gen_len": 32, "repeats": 3}
+
+
+@dataclass
+class DemoResult:
+    sweep_run_id: str
+    champion: str
+    reason: str
+    model_uri: str
+    answer: str
+    seconds: float
+    table: object  # pandas.DataFrame of the sweep's variants
+    decisions: list  # promote.Candidate rows: every variant, accepted or not, and why
+
+
+def _mlflow_cli() -> str:
+    """The mlflow console script of this environment (the demo runs the real CLI)."""
+    candidate = Path(sys.executable).parent / "mlflow"
+    return str(candidate) if candidate.exists() else "mlflow"
+
+
+def deploy_with_cli(name: str, model_uri: str, cache: Path, echo: Callable[[str], None]) -> None:
+    """`mlflow deployments create` (or `update` when the name is already deployed) as a real subprocess."""
+    target = f"foundry-local:{cache.resolve()}"
+    listed = subprocess.run([_mlflow_cli(), "deployments", "get", "-t", target, "--name", name],
+                            capture_output=True, text=True)
+    verb = "update" if listed.returncode == 0 else "create"
+    cmd = [_mlflow_cli(), "deployments", verb, "-t", target, "--name", name, "-m", model_uri,
+           "-C", "temperature=0.2", "-C", "max_length=512"]
+    echo("$ " + " ".join(cmd))
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise SlmopsError(f"mlflow deployments {verb} failed: {last}", "see docs/troubleshooting.md")
+    echo(done.stdout.strip())
+
+
+def ask(name: str, cache: Path, question: str) -> str:
+    """One chat through the deployment's predict: the Foundry Local runtime, in-process."""
+    from mlflow.deployments import get_deploy_client
+
+    client = get_deploy_client(f"foundry-local:{cache.resolve()}")
+    response = client.predict(deployment_name=name, inputs={"messages": [{"role": "user", "content": question}]})
+    return response["choices"][0]["message"]["content"]
+
+
+def run_demo(foundry_cache: Path = DEFAULT_FOUNDRY_CACHE, echo: Callable[[str], None] = print,
+             progress: bool = True) -> DemoResult:
+    """Run the whole flow on the demo model with embedded defaults; print what a newcomer needs to see."""
+    from mlflow_slmops import demo, promote, sweep
+
+    start = time.monotonic()
+    os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", DEMO_EXPERIMENT)
+    echo("1/5 Demo model (trained once, then cached)")
+    hf_dir = demo.build_demo_model(progress=progress)
+    data = demo.write_demo_data(DEMO_DATA)
+    qa = next(str(p) for p in data if p.name == demo.QA_FILE)
+    text = next(str(p) for p in data if p.name == demo.EVAL_TEXT_FILE)
+
+    echo(f"2/5 Sweep: {DEMO_VARIANTS}")
+    result = sweep.run_sweep(sweep.SweepRequest(model=str(hf_dir), variants=DEMO_VARIANTS, output=str(DEMO_OUTPUT),
+                                                text=text, qa=qa, **DEMO_BENCH), progress=progress, echo=echo)
+
+    echo("3/5 Promote")
+    constraints = promote.Constraints(DEMO_MAX_PPL_DELTA_PCT, DEMO_MIN_QA_ACCURACY, "decode_tok_s")
+    promoted = promote.promote(result.parent_run_id, demo.DEMO_MODEL_NAME, constraints=constraints)
+    champ = promoted.champion
+    reason = (f"fastest decode ({champ.metrics.get('decode_tok_s', 0):.1f} tok/s) among variants within "
+              f"{DEMO_MAX_PPL_DELTA_PCT:g}% of fp32 perplexity (its delta: {champ.metrics.get('ppl_delta_pct', 0):.2f}%) "
+              f"and QA accuracy >= {DEMO_MIN_QA_ACCURACY:g} (its: {champ.metrics.get('qa_accuracy', 0):.3f})")
+
+    echo(f"4/5 Deploy {promoted.model_uri} into Foundry Local ({foundry_cache})")
+    deploy_with_cli(demo.DEMO_MODEL_NAME, promoted.model_uri, foundry_cache, echo)
+
+    echo("5/5 Ask Foundry Local")
+    answer = ask(demo.DEMO_MODEL_NAME, foundry_cache, DEMO_QUESTION)
+    return DemoResult(result.parent_run_id, champ.variant, reason, promoted.model_uri, answer,
+                      time.monotonic() - start, result.table, [c.row() for c in promoted.candidates])
