@@ -174,6 +174,32 @@ def promote_cmd(sweep_run_id, name, alias, max_ppl_delta_pct, min_qa_accuracy, o
     click.echo(f"Model URI: {result.model_uri}")
 
 
+@main.command("demo")
+@click.option("--foundry-cache", default=".slmops/foundry-cache", show_default=True,
+              help="Foundry Local model cache the demo deploys into (project-local by default).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@friendly_errors
+def demo_cmd(foundry_cache: str, quiet: bool) -> None:
+    """Train the demo model, sweep, promote, deploy to Foundry Local and ask it a question."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    from mlflow_slmops import tracking, walkthrough
+
+    tracking.configure(walkthrough.DEMO_EXPERIMENT)
+    r = walkthrough.run_demo(Path(foundry_cache), echo=click.echo, progress=not quiet)
+    click.echo("\nVariants")
+    _print_table(r.table, SWEEP_TABLE_COLUMNS)
+    click.echo("\nPromotion decision")
+    _print_table(pd.DataFrame(r.decisions), ["variant", "accepted", "chosen", "reason"])
+    click.echo(f"\nChampion: {r.champion}, because it is the {r.reason}.")
+    click.echo(f"Registered: {r.model_uri}")
+    click.echo(f"\nQ: {walkthrough.DEMO_QUESTION}\nA (Foundry Local): {r.answer}")
+    click.echo(f"\nDone in {r.seconds:.0f} s. Compare the runs in the MLflow UI:")
+    click.echo(f"  .venv/bin/mlflow ui --backend-store-uri {tracking.tracking_uri()}")
+
+
 # --- stage commands are added below, one per stage module ---
 
 
