@@ -76,17 +76,38 @@ def tracking(tmp_path, monkeypatch) -> str:
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on 127.0.0.1 with sqlite and served artifacts."""
+    from tests.servers import start_mlflow_server
+
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    proc = subprocess.Popen(
-        [bin_path("mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts", "--workers", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=root,
-    )
-    url = f"http://127.0.0.1:{port}"
+    # Its output goes to root/server.log: an unread pipe fills with access-log lines and blocks the server.
+    server = start_mlflow_server(f"sqlite:///{root / 'mlflow.db'}", root)
     try:
-        wait_http(url + "/health", proc)
-        yield url
+        yield server.url
     finally:
-        stop_process(proc)
+        stop_process(server.proc)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A private PostgreSQL cluster on 127.0.0.1 (run as the postgres user), stopped and removed at the end."""
+    from tests import servers
+
+    servers.require_tool(servers.postgres_bin() is not None, "PostgreSQL (Debian package postgresql)")
+    pg = servers.start_postgres()
+    try:
+        yield pg
+    finally:
+        servers.stop_postgres(pg)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server_pg(postgres, tmp_path_factory):
+    """A real `mlflow server` whose tracking and registry store is PostgreSQL, artifacts served over HTTP."""
+    from tests import servers
+
+    root = tmp_path_factory.mktemp("mlflow-server-pg")
+    server = servers.start_mlflow_server(servers.create_database(postgres, "mlflow"), root)
+    try:
+        yield server.url
+    finally:
+        stop_process(server.proc)
