@@ -1,0 +1,253 @@
+"""The one adapter to the Foundry Local runtime (foundry-local-sdk 2.2): the only module importing it.
+
+Foundry Local runs in-process: ``FoundryLocalManager`` is a per-process singleton bound to one model cache.
+``runtime_for(cache_dir)`` hands out the manager for a cache, closing and re-creating it when another cache
+(or web-service address) is asked for, which the SDK allows after ``close()``.
+
+Example:
+    >>> rt = runtime_for(Path("/tmp/foundry-cache"))                           # doctest: +SKIP
+    >>> rt.register("qwen-support:3", Path("/tmp/foundry-cache/mlflow-slmops/qwen-support-3"))
+    >>> rt.chat("qwen-support:3", [{"role": "user", "content": "Hi"}], ChatOptions(max_tokens=16)).text
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from mlflow_slmops.errors import SlmopsError
+
+APP_NAME = "mlflow-slmops"
+TASK = "chat-completion"
+LOCAL_ROUTE = "/catalogs/local/v1"  # the web service serves registered local models only under this prefix
+_ROLES = ("system", "user", "assistant", "developer")
+
+
+@dataclass(frozen=True)
+class ChatOptions:
+    """Per-request search options; None keeps the model's genai_config.json default."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    model_id: str
+    path: str
+
+
+def _error(action: str, exc: Exception) -> SlmopsError:
+    # Native messages start with "file.cc:123 virtual ... Function(...)": keep only the last clause.
+    text = " ".join(str(exc).split())
+    text = text.rsplit(") ", 1)[-1] if ".cc:" in text else text
+    return SlmopsError(f"Foundry Local could not {action}: {text}", "check the deployment with `mlflow deployments get`")
+
+
+class FoundryRuntime:
+    """The Foundry Local manager of one cache folder, with the few operations the deployment needs."""
+
+    def __init__(self, cache_dir: Path, web_urls: str | None = None):
+        from foundry_local_sdk import Configuration, FoundryLocalManager
+
+        self.cache_dir = Path(cache_dir)
+        self.web_urls = web_urls
+        web = Configuration.WebService(urls=web_urls) if web_urls else None
+        try:
+            FoundryLocalManager.initialize(
+                Configuration(app_name=APP_NAME, model_cache_dir=str(self.cache_dir), web=web)
+            )
+        except Exception as exc:  # FoundryLocalException, or OSError from the native side
+            raise _error(f"start on cache {self.cache_dir}", exc)
+        self.manager = FoundryLocalManager.instance
+        self._loaded: dict[str, object] = {}
+
+    @property
+    def _catalog(self):
+        from foundry_local_sdk import CatalogType
+
+        return self.manager.get_catalog(CatalogType.LOCAL)
+
+    def registered(self) -> list[RegisteredModel]:
+        """Every model of the local catalog, with the folder it was registered from."""
+        try:
+            return [RegisteredModel(m.id, m.get_path()) for m in self._catalog.list_models()]
+        except Exception as exc:
+            raise _error("list its local catalog", exc)
+
+    def registered_path(self, model_id: str) -> str | None:
+        return next((m.path for m in self.registered() if m.model_id == model_id), None)
+
+    def register(self, model_id: str, model_dir: Path) -> None:
+        """Register (or re-register) a model folder in the local catalog as a chat-completion model."""
+        from foundry_local_sdk import ModelInfoBuilder
+
+        if self.registered_path(model_id) is not None:
+            self.unregister(model_id)
+        try:
+            with ModelInfoBuilder() as meta:
+                meta.set_string_property("task", TASK)
+                self._catalog.register_model(model_path=str(model_dir), model_id=model_id, metadata=meta)
+        except Exception as exc:
+            raise _error(f"register {model_id} from {model_dir}", exc)
+
+    def unregister(self, model_id: str) -> bool:
+        """Remove a model from the local catalog; False if it was not there."""
+        if self.registered_path(model_id) is None:
+            return False
+        self._unload(model_id)
+        try:
+            self._catalog.unregister_model(model_id)
+        except Exception as exc:
+            raise _error(f"unregister {model_id}", exc)
+        return True
+
+    def load(self, model_id: str):
+        """The loaded model handle (loaded once per runtime)."""
+        if model_id in self._loaded:
+            return self._loaded[model_id]
+        try:
+            model = self._catalog.get_model_variant(model_id)
+        except Exception as exc:
+            raise _error(f"look up {model_id}", exc)
+        if model is None:
+            raise SlmopsError(f"model {model_id} is not registered in Foundry Local's local catalog of {self.cache_dir}",
+                              "deploy it again with `mlflow deployments update`")
+        try:
+            model.load()
+        except Exception as exc:
+            raise _error(f"load {model_id}", exc)
+        self._loaded[model_id] = model
+        return model
+
+    def _unload(self, model_id: str) -> None:
+        model = self._loaded.pop(model_id, None)
+        if model is not None:
+            try:
+                model.unload()
+            except Exception:  # already unloaded by the runtime: nothing to release
+                pass
+
+    def _session(self, model_id: str, options: ChatOptions):
+        from foundry_local_sdk import ChatSession, RequestOptions, SearchOptions
+
+        session = ChatSession(self.load(model_id))
+        search = SearchOptions(temperature=options.temperature, top_p=options.top_p, top_k=options.top_k,
+                               max_output_tokens=options.max_tokens, seed=options.seed)
+        session.set_options(RequestOptions(search=search))
+        return session
+
+    @staticmethod
+    def _request(messages: list[dict]):
+        from foundry_local_sdk import MessageItem, Request
+
+        request = Request()
+        for msg in messages:
+            if msg["role"] not in _ROLES:
+                raise SlmopsError(f"message role {msg['role']!r} is not supported", f"use one of {', '.join(_ROLES)}")
+            request.add_item(getattr(MessageItem, msg["role"])(msg["content"]))
+        return request
+
+    def chat(self, model_id: str, messages: list[dict], options: ChatOptions) -> ChatResult:
+        """One chat completion through the runtime (the model's own chat template builds the prompt)."""
+        try:
+            with self._session(model_id, options) as session, self._request(messages) as req:
+                with session.process_request(req) as resp:
+                    text = "".join(_texts(resp))
+                    usage = resp.get_usage()
+                    return ChatResult(text, usage.prompt_tokens, usage.completion_tokens, _finish(resp.finish_reason))
+        except SlmopsError:
+            raise
+        except Exception as exc:
+            raise _error(f"answer a chat with {model_id}", exc)
+
+    def chat_stream(self, model_id: str, messages: list[dict], options: ChatOptions) -> Iterator[str | ChatResult]:
+        """Yields text pieces as they are generated, then one ChatResult with the usage and finish reason."""
+        parts: list[str] = []
+        try:
+            with self._session(model_id, options) as session, self._request(messages) as req:
+                session.set_streaming(True)
+                with session.process_streaming_request(req) as stream:
+                    for item in stream:
+                        for piece in _texts_of(item):
+                            parts.append(piece)
+                            yield piece
+                    with stream.final_response as final:
+                        usage = final.get_usage()
+                        yield ChatResult("".join(parts), usage.prompt_tokens, usage.completion_tokens,
+                                         _finish(final.finish_reason))
+        except SlmopsError:
+            raise
+        except Exception as exc:
+            raise _error(f"stream a chat with {model_id}", exc)
+
+    def serve(self, model_id: str) -> list[str]:
+        """Load the model and start Foundry Local's own web service; returns its base URLs."""
+        self.load(model_id)
+        try:
+            self.manager.start_web_service()
+        except Exception as exc:
+            raise _error("start its web service", exc)
+        return list(self.manager.urls or [])
+
+    def close(self) -> None:
+        """Unload models, stop the web service, release the manager (idempotent)."""
+        for model_id in list(self._loaded):
+            self._unload(model_id)
+        if self.manager is not None:
+            try:
+                if self.manager.urls is not None:
+                    self.manager.stop_web_service()
+            except Exception:
+                pass
+            self.manager.close()
+            self.manager = None
+
+
+_current: FoundryRuntime | None = None
+
+
+def runtime_for(cache_dir: Path, web_urls: str | None = None) -> FoundryRuntime:
+    """The process's runtime on this cache; re-created when another cache or web address is needed."""
+    global _current
+    cache_dir = Path(os.path.abspath(cache_dir))
+    if _current is not None and _current.manager is not None:
+        if _current.cache_dir == cache_dir and (web_urls is None or _current.web_urls == web_urls):
+            return _current
+        _current.close()
+    _current = FoundryRuntime(cache_dir, web_urls)
+    return _current
+
+
+def _texts_of(item) -> list[str]:
+    from foundry_local_sdk import MessageItem, TextItem
+
+    if isinstance(item, TextItem):
+        return [item.text]
+    if isinstance(item, MessageItem):
+        return [p.text for p in item.parts if isinstance(p, TextItem)]
+    return []
+
+
+def _texts(response) -> list[str]:
+    return [text for item in response for text in _texts_of(item)]
+
+
+def _finish(reason) -> str:
+    from foundry_local_sdk import FinishReason
+
+    return {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.TOOL_CALLS: "tool_calls"}.get(
+        reason, "stop")
