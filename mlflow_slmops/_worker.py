@@ -9,6 +9,7 @@ the stage defines; its result (or its user error) goes to the JSON file named by
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -28,6 +29,8 @@ EventFn = Callable[[dict], None]
 _EVENT_PREFIX = "@@slmops "
 # How much of the worker's stderr to keep for an error message.
 _STDERR_TAIL_LINES = 40
+# The last line of a Python traceback: "RuntimeError: ...", "onnxruntime.SomeError: ...".
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b.*:")
 
 
 def emit(event: str, **fields: Any) -> None:
@@ -66,8 +69,12 @@ class WorkerOutcome:
     stderr_tail: list[str] = field(default_factory=list)
 
     def last_error_line(self) -> str:
+        """The worker's last exception (with its continuation lines) as one line, else its last stderr line."""
         lines = [ln.strip() for ln in self.stderr_tail if ln.strip()]
-        return lines[-1] if lines else f"exit code {self.returncode}"
+        if not lines:
+            return f"exit code {self.returncode}"
+        starts = [i for i, ln in enumerate(lines) if _EXCEPTION_LINE.match(ln)]
+        return " ".join(lines[starts[-1]:]) if starts else lines[-1]
 
 
 def run_worker(module: str, args: list[str], on_event: EventFn | None = None,

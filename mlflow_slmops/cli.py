@@ -203,6 +203,33 @@ def demo_cmd(foundry_cache: str, quiet: bool) -> None:
 # --- stage commands are added below, one per stage module ---
 
 
+@main.command("convert")
+@click.option("--model", required=True, type=click.Path(), help="Hugging Face model folder (the fine-tuned model).")
+@click.option("--variants", default="fp32,int8,int4,int4-b128-asym", show_default=True,
+              help="Comma list of presets and/or names from --variants-file.")
+@click.option("--output", required=True, type=click.Path(), help="Parent folder of the variant folders.")
+@click.option("--variants-file", default=None, callback=_blank_to_none, help="YAML or JSON file of custom variants.")
+@click.option("--cache-dir", default=None, callback=_blank_to_none,
+              help="Conversion cache (default $SLMOPS_CACHE_DIR or ~/.cache/mlflow-slmops).")
+@click.option("--trust-remote-code", is_flag=True, help="Allow models that need custom code (off by default).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@friendly_errors
+def convert_cmd(model, variants, output, variants_file, cache_dir, trust_remote_code, quiet) -> None:
+    """Convert a Hugging Face model into ONNX Runtime GenAI variants with Olive, one folder per variant."""
+    from rich.console import Console
+
+    from mlflow_slmops import convert
+    from mlflow_slmops.variants import resolve_variants
+
+    specs = resolve_variants(variants, variants_file)
+    results = convert.convert_variants(model, specs, output, cache_dir=cache_dir,
+                                       trust_remote_code=trust_remote_code, progress=not quiet)
+    Console(width=200).print(convert.results_table(results))
+    if not any(r.status == convert.STATUS_OK for r in results):
+        raise SlmopsError(f"every variant failed ({', '.join(r.spec.name for r in results)})",
+                          "read each variant's error in the table above")
+
+
 def _print_metrics(title: str, values: dict[str, float]) -> None:
     """A two-column rich table of metric name and value."""
     from rich.console import Console

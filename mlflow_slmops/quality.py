@@ -208,12 +208,8 @@ def load_qa(path: str | Path) -> list[QaItem]:
         'contains'
     """
     path = Path(path)
-    text = _read_text_file(path, "QA file")
-    items = [_parse_qa_line(path, n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
-    if not items:
-        raise SlmopsError(f"QA file {path} has no questions (it is empty or blank)",
-                          'add one JSON object a line: {"prompt": "...", "expected": "..."}')
-    return items
+    text = _read_text_file(path, "QA file", 'add one JSON object a line: {"prompt": "...", "expected": "..."}')
+    return [_parse_qa_line(path, n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
 
 
 def _parse_qa_line(path: Path, n: int, line: str) -> QaItem:
@@ -324,10 +320,10 @@ def parse_json_object(text: str) -> dict | None:
 
 
 def read_eval_text(path: str | Path) -> str:
-    return _read_text_file(Path(path), "text file")
+    return _read_text_file(Path(path), "text file", "pass a plain-text file of a few thousand words")
 
 
-def _read_text_file(path: Path, what: str) -> str:
+def _read_text_file(path: Path, what: str, empty_hint: str) -> str:
     if not path.exists():
         raise SlmopsError(f"{what} {path} does not exist", "pass an existing file")
     if not path.is_file():
@@ -337,7 +333,7 @@ def _read_text_file(path: Path, what: str) -> str:
     except UnicodeDecodeError as exc:
         raise SlmopsError(f"{what} {path} is not UTF-8 text (byte {exc.start})", "save it as UTF-8")
     if not text.strip():
-        raise SlmopsError(f"{what} {path} is empty", "pass a file with content")
+        raise SlmopsError(f"{what} {path} is empty", empty_hint)
     return text
 
 

@@ -1,27 +1,20 @@
-"""Helpers for tests and demos: build a genai folder from an HF folder with the real Olive path."""
+"""Helpers for tests and demos: build a genai folder from an HF folder with the product's own converter."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+# Fixtures convert into sibling folders; one cache beside them lets them share the fp32 export.
+TEST_CACHE_DIRNAME = ".slmops-cache"
+
 
 def convert_for_tests(hf_dir: str | Path, out: str | Path, preset: str) -> Path:
-    """Convert one preset of hf_dir into out (a genai folder) through Olive, as the product does."""
-    from olive.workflows import run as olive_run
+    """Convert one preset of hf_dir into out (a genai folder) with mlflow_slmops.convert, as the product does."""
+    from mlflow_slmops.convert import convert_variant
+    from mlflow_slmops.variants import PRESETS
 
     out = Path(out)
-    passes: dict = {"builder": {"type": "ModelBuilder", "precision": "fp32"}}
-    if preset == "int4":
-        passes["quantize"] = {"type": "OnnxBlockWiseRtnQuantization", "bits": 4, "block_size": 32,
-                              "is_symmetric": True, "accuracy_level": 4}
-        passes["keep_logits"] = {"type": "GraphSurgeries", "surgeries": [
-            {"surgeon": "RenameOutputs", "old_names": ["logits_Q4"], "new_names": ["logits"]}]}
-    config = {
-        "input_model": {"type": "HfModel", "model_path": str(hf_dir)},
-        "systems": {"local": {"type": "LocalSystem", "accelerators": [
-            {"device": "cpu", "execution_providers": ["CPUExecutionProvider"]}]}},
-        "passes": passes, "host": "local", "target": "local",
-        "cache_dir": str(out.parent / ".olive-cache"), "output_dir": str(out), "log_severity_level": 3,
-    }
-    olive_run(config)
+    result = convert_variant(hf_dir, PRESETS[preset], out, cache_dir=out.parent / TEST_CACHE_DIRNAME)
+    if result.status != "ok":
+        raise RuntimeError(f"converting {hf_dir} to {preset} failed: {result.error}")
     return out

@@ -1,0 +1,750 @@
+"""Convert a Hugging Face model folder into ONNX Runtime GenAI variants, one Olive workflow per variant.
+
+Every variant is an Olive workflow run in this process (``olive.workflows.run``). All workflows share one
+Olive cache, so the fp32 ``ModelBuilder`` export is made once and every quantized variant starts from it.
+On top of Olive's cache sits a content-addressed cache of finished, validated variant folders keyed by
+the input model's content, the variant spec and the tool versions: re-running a sweep re-converts nothing.
+
+Layout of the cache folder (``~/.cache/mlflow-slmops`` or ``$SLMOPS_CACHE_DIR``)::
+
+    olive/                 Olive's own cache_dir, shared by every workflow
+    variants/<key>/        complete, validated genai folders (appear by an atomic rename only)
+    tmp/                   builds in flight; anything here without the lock holder is debris
+    logs/<variant>-<key>.log   what Olive and the builder printed for the last build of that key
+    input-hashes.json      per-file sha256 memo keyed by path, size, mtime and inode
+    convert.lock           held while Olive writes, so concurrent sweeps never share a half-built run
+
+Output folders are built beside their final place and renamed into it, so a failure, Ctrl-C or a full
+disk never leaves a partial variant folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Callable, Iterator
+
+from mlflow_slmops import modeldir
+from mlflow_slmops.errors import SlmopsError
+from mlflow_slmops.variants import VariantSpec
+
+logger = logging.getLogger(__name__)
+
+CACHE_ENV = "SLMOPS_CACHE_DIR"
+DEFAULT_CACHE_DIR = Path("~/.cache/mlflow-slmops")
+OLIVE_CONFIG_FILE = "olive_config.json"
+ENTRY_MANIFEST = "slmops_entry.json"
+# Bump when the recipe below changes what a spec builds, so old cache entries stop matching.
+RECIPE_VERSION = 1
+# Files Olive writes into a workflow's output_dir that are not part of the model.
+OLIVE_CLUTTER = ("footprint.json", "output_footprint.json", "input_model_footprint.json", "run_history.txt",
+                 "model_config.json")
+# The graph output onnxruntime-genai looks up; RTN and HQQ rename it to logits_Q4 / logits_Q8.
+LOGITS = "logits"
+# Olive's engine verbosity: 3 = errors only.
+OLIVE_LOG_LEVEL = 3
+# Tokens the post-build check generates.
+VALIDATE_NEW_TOKENS = 4
+VALIDATE_TIMEOUT_S = 900
+TOOL_PACKAGES = ("olive-ai", "onnxruntime-genai", "onnxruntime")
+# Where `olive run --config olive_config.json` writes, relative to the folder it is run from.
+REPRODUCE_OUTPUT_DIR = "olive-output"
+_HASH_CHUNK = 1 << 20
+PUBLISHED_FILE_MODE = 0o644
+STATUS_OK = "ok"
+STATUS_FAILED = "failed"
+# Stages reported to the progress bar, in order.
+STAGES = ("hash input", "olive", "validate", "publish")
+UNSUPPORTED_HINT = "convert a decoder-only causal LM the onnxruntime-genai 0.14 builder supports"
+
+# Run inside a fresh interpreter: a model that crashes onnxruntime-genai must not take the sweep down.
+_VALIDATE_SCRIPT = r"""
+import json, sys
+import onnxruntime_genai as og
+path, n_new = sys.argv[1], int(sys.argv[2])
+model = og.Model(path)
+tokenizer = og.Tokenizer(model)
+prompt = tokenizer.encode("Hello")
+params = og.GeneratorParams(model)
+params.set_search_options(max_length=len(prompt) + n_new, min_length=len(prompt) + n_new)
+gen = og.Generator(model, params)
+gen.append_tokens(prompt)
+new = []
+while not gen.is_done():
+    gen.generate_next_token()
+    new.append(int(gen.get_next_tokens()[0]))
+print(json.dumps({"new_tokens": new}))
+"""
+
+
+@dataclass
+class ConversionResult:
+    """What converting one variant gave: a validated folder, or the error that stopped it."""
+
+    spec: VariantSpec
+    status: str
+    output_dir: str | None
+    error: str | None
+    convert_s: float
+    size_bytes: int | None
+    weights_sha256: str | None
+    olive_config_path: str | None
+    cached: bool
+    build_only: bool
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["spec"] = self.spec.to_dict()
+        return data
+
+
+# ---------------------------------------------------------------- input checks
+
+def supported_architectures() -> tuple[str, ...]:
+    """Decoder architectures the installed onnxruntime-genai builder converts, read from its own source."""
+    import importlib.util
+    import re
+
+    spec = importlib.util.find_spec("onnxruntime_genai")
+    source = Path(spec.submodule_search_locations[0]) / "models" / "builder.py"
+    found = re.findall(r'config\.architectures\[0\] == "(\w+)"', source.read_text(encoding="utf-8"))
+    # Whisper is speech-to-text: not a chat model this tool can measure or serve.
+    return tuple(sorted({a for a in found if not a.startswith("Whisper")}))
+
+
+def check_hf_model_dir(model_dir: str | Path, trust_remote_code: bool = False) -> dict:
+    """Check a Hugging Face model folder can be converted; return its config.json.
+
+    Args:
+        model_dir: the fine-tuned model folder (config.json, weights, tokenizer).
+        trust_remote_code: allow a config whose ``auto_map`` points at custom modelling code.
+
+    Raises:
+        SlmopsError: naming the folder and what is wrong: missing, no config.json, invalid JSON,
+            custom code not allowed, an architecture the builder does not support (listing those it does).
+
+    Example:
+        >>> check_hf_model_dir("./my-finetuned-qwen")["architectures"]  # doctest: +SKIP
+        ['Qwen2ForCausalLM']
+    """
+    path = Path(model_dir)
+    if not path.exists():
+        raise SlmopsError(f"model folder {path} does not exist", "pass the Hugging Face model folder with --model")
+    if not path.is_dir():
+        raise SlmopsError(f"model path {path} is a file, expected a Hugging Face model folder",
+                          "pass the folder that holds config.json")
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise SlmopsError(f"{path} has no config.json, so it is not a Hugging Face model folder",
+                          "pass the folder written by save_pretrained (config.json, weights, tokenizer)")
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SlmopsError(f"{cfg_path} is not valid JSON ({exc})", "re-save the model with save_pretrained")
+    if not isinstance(config, dict):
+        raise SlmopsError(f"{cfg_path} holds a JSON {type(config).__name__}, expected an object",
+                          "re-save the model with save_pretrained")
+    _check_remote_code(cfg_path, config, trust_remote_code)
+    _check_architecture(cfg_path, config)
+    _check_weights_and_tokenizer(path)
+    return config
+
+
+def _check_remote_code(cfg_path: Path, config: dict, trust_remote_code: bool) -> None:
+    if config.get("auto_map") and not trust_remote_code:
+        modules = ", ".join(sorted({str(v).split(".")[0] for v in config["auto_map"].values()
+                                    if isinstance(v, str)})) or "custom modules"
+        raise SlmopsError(
+            f"{cfg_path} asks for trust_remote_code (auto_map runs {modules} from the model folder), "
+            "which is not allowed",
+            "review that code, then pass --trust-remote-code to run it",
+        )
+
+
+def _check_architecture(cfg_path: Path, config: dict) -> None:
+    supported = supported_architectures()
+    archs = config.get("architectures")
+    arch = archs[0] if isinstance(archs, list) and archs else None
+    if arch not in supported:
+        found = f"architecture {arch!r}" if arch else "no architectures entry"
+        raise SlmopsError(
+            f"{cfg_path} has {found}, which the onnxruntime-genai builder cannot convert; "
+            f"supported: {', '.join(supported)}",
+            UNSUPPORTED_HINT,
+        )
+
+
+def _check_weights_and_tokenizer(path: Path) -> None:
+    weights = list(path.glob("*.safetensors")) + list(path.glob("pytorch_model*.bin"))
+    if not weights:
+        raise SlmopsError(f"{path} has no weights (*.safetensors or pytorch_model*.bin)",
+                          "pass the folder written by save_pretrained, weights included")
+    if not modeldir.has_tokenizer(path):
+        raise SlmopsError(f"{path} has no tokenizer (expected one of {', '.join(modeldir.TOKENIZER_FILES)})",
+                          "save the tokenizer into the model folder with tokenizer.save_pretrained")
+
+
+# ---------------------------------------------------------------- cache keys
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR).expanduser()
+
+
+def tool_versions() -> dict[str, str]:
+    found = {}
+    for pkg in TOOL_PACKAGES:
+        try:
+            found[pkg] = version(pkg)
+        except PackageNotFoundError:
+            found[pkg] = "missing"
+    return found
+
+
+def _input_files(model_dir: Path) -> list[Path]:
+    """Every file of the model folder, hidden folders (.cache, .git) left out, in a stable order."""
+    files = []
+    for p in sorted(model_dir.rglob("*")):
+        rel = p.relative_to(model_dir)
+        if p.is_file() and not any(part.startswith(".") for part in rel.parts):
+            files.append(p)
+    return files
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(_HASH_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def input_model_hash(model_dir: str | Path, cache_dir: str | Path | None = None) -> str:
+    """sha256 over the names and contents of a model folder's files.
+
+    Per-file hashes are remembered in ``<cache_dir>/input-hashes.json`` keyed by path, size, mtime and
+    inode, so an unchanged 2 GB model is not re-read on every sweep.
+    """
+    model_dir = Path(model_dir).resolve()
+    memo_path = Path(cache_dir) / "input-hashes.json" if cache_dir else None
+    memo = _read_json_or_empty(memo_path)
+    digest = hashlib.sha256()
+    changed = False
+    for path in _input_files(model_dir):
+        st = path.stat()
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+        known = memo.get(str(path))
+        if known and known[:3] == stamp:
+            file_hash = known[3]
+        else:
+            file_hash = _sha256_file(path)
+            memo[str(path)] = [*stamp, file_hash]
+            changed = True
+        digest.update(str(path.relative_to(model_dir)).encode() + b"\0" + file_hash.encode())
+    if memo_path and changed:
+        with contextlib.suppress(OSError):  # the memo only saves time
+            _write_json_atomic(memo_path, memo)
+    return digest.hexdigest()
+
+
+def entry_key(input_hash: str, spec: VariantSpec, trust_remote_code: bool = False) -> str:
+    """The cache key of one variant: input content, spec (its name aside), tool versions, recipe."""
+    spec_body = {k: v for k, v in spec.to_dict().items() if k != "name"}
+    body = {"input": input_hash, "spec": spec_body, "versions": tool_versions(), "recipe": RECIPE_VERSION,
+            "trust_remote_code": trust_remote_code}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _read_json_or_empty(path: Path | None) -> dict:
+    if path is None or not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- Olive configs
+
+def olive_passes(spec: VariantSpec) -> dict:
+    """The Olive passes that build one variant, in order.
+
+    fp32 and fp16 come straight from the ModelBuilder pass. int8 and int4 start from the same fp32
+    ModelBuilder export (shared through Olive's cache) and quantize it with an Olive ONNX pass. RTN and
+    HQQ rename the lm_head output from ``logits`` to ``logits_Q<bits>``; onnxruntime-genai looks the
+    output up by name, so a GraphSurgeries/RenameOutputs pass puts the name back.
+    """
+    builder = {"type": "ModelBuilder", "precision": "fp16" if spec.precision == "fp16" else "fp32",
+               **spec.builder_options}
+    passes: dict = {"builder": builder}
+    if spec.precision not in ("int8", "int4"):
+        return passes
+    bits = 8 if spec.precision == "int8" else 4
+    external = {"save_as_external_data": True}
+    if spec.algo == "rtn":
+        passes["quantize"] = {"type": "OnnxBlockWiseRtnQuantization", "bits": bits, "block_size": spec.block_size,
+                              "is_symmetric": spec.is_symmetric, "accuracy_level": spec.accuracy_level, **external}
+    elif spec.algo == "k_quant":
+        passes["quantize"] = {"type": "OnnxKQuantQuantization", "bits": bits, "block_size": spec.block_size,
+                              "accuracy_level": spec.accuracy_level, **external}
+    else:  # hqq, 4-bit only
+        passes["quantize"] = {"type": "OnnxHqqQuantization", "block_size": spec.block_size,
+                              "accuracy_level": spec.accuracy_level, **external}
+    if spec.algo in ("rtn", "hqq"):
+        passes["keep_logits_name"] = {
+            "type": "GraphSurgeries",
+            "surgeries": [{"surgeon": "RenameOutputs", "old_names": [f"{LOGITS}_Q{bits}"], "new_names": [LOGITS]}],
+            **external,
+        }
+    if spec.algo == "hqq":
+        # Olive 0.13's HQQ pass leaves the replaced fp32 weights in the graph (the model ends up larger
+        # than fp32); onnxscript's optimizer drops unused initializers. Logits are unchanged.
+        passes["drop_unused_weights"] = {"type": "OnnxPeepholeOptimizer", "onnxscript_optimize": True,
+                                         "onnxoptimizer_optimize": False, "fuse_reshape_operations": False,
+                                         **external}
+    return passes
+
+
+def olive_config(model_dir: str | Path, spec: VariantSpec, output_dir: str, cache_dir: str | None,
+                 trust_remote_code: bool = False) -> dict:
+    """One variant's Olive workflow config; with ``cache_dir=None`` Olive uses ./.olive-cache."""
+    input_model: dict = {"type": "HfModel", "model_path": str(Path(model_dir).resolve())}
+    if trust_remote_code:
+        input_model["load_kwargs"] = {"trust_remote_code": True}
+    config = {
+        "input_model": input_model,
+        "systems": {"local": {"type": "LocalSystem", "accelerators": [
+            {"device": spec.device, "execution_providers": [spec.ort_provider]}]}},
+        "passes": olive_passes(spec),
+        "host": "local",
+        "target": "local",
+        "output_dir": output_dir,
+        "log_severity_level": OLIVE_LOG_LEVEL,
+    }
+    if cache_dir is not None:
+        config["cache_dir"] = cache_dir
+    return config
+
+
+def reproduction_config(model_dir: str | Path, spec: VariantSpec, trust_remote_code: bool = False) -> dict:
+    """The olive_config.json written beside a variant: run from any folder with ``olive run --config``,
+    it writes the same model to ``./olive-output/<variant>`` with Olive's default cache ``./.olive-cache``."""
+    return olive_config(model_dir, spec, f"{REPRODUCE_OUTPUT_DIR}/{spec.name}", None, trust_remote_code)
+
+
+# ---------------------------------------------------------------- conversion
+
+def _pass_chain(spec: VariantSpec) -> str:
+    return " → ".join(p["type"] for p in olive_passes(spec).values())
+
+
+@contextlib.contextmanager
+def _captured_output(log_path: Path) -> Iterator[None]:
+    """Send what Olive and the builder print (stdout, stderr, Olive's log handlers) to a log file."""
+    import logging as _logging
+
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    olive_handlers = [h for h in _logging.getLogger("olive").handlers
+                      if isinstance(h, _logging.StreamHandler) and not isinstance(h, _logging.FileHandler)]
+    real_stderr = sys.stderr
+    root = _logging.getLogger()
+    root_handlers, root_level = list(root.handlers), root.level
+    with open(log_path, "w", encoding="utf-8") as log:
+        old_streams = [h.setStream(log) for h in olive_handlers]
+        try:
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                yield
+        finally:
+            for handler, stream in zip(olive_handlers, old_streams):
+                handler.setStream(stream)
+            # onnxruntime's quantizer module calls logging.basicConfig(level=INFO) on import: undo it.
+            root.handlers[:] = root_handlers
+            root.setLevel(root_level)
+            # Libraries imported during the run bound new log handlers to the log file: unbind them.
+            for lg in [_logging.getLogger(), *_logging.Logger.manager.loggerDict.values()]:
+                for handler in getattr(lg, "handlers", []):
+                    if isinstance(handler, _logging.StreamHandler) and handler.stream is log:
+                        handler.setStream(real_stderr)
+
+
+def _run_olive(config: dict, log_path: Path) -> None:
+    # No network here, and a telemetry call must never slow or break a conversion.
+    os.environ.setdefault("OLIVE_DISABLE_TELEMETRY", "1")
+    from olive.workflows import run as olive_run
+
+    with _captured_output(log_path):
+        olive_run(config)
+
+
+def _clean_genai_dir(folder: Path) -> None:
+    for name in OLIVE_CLUTTER:
+        (folder / name).unlink(missing_ok=True)
+    for path in folder.rglob("*"):
+        if path.is_file():
+            # Some Olive passes write 0600 temp files; a model folder is meant to be shared and served.
+            path.chmod(PUBLISHED_FILE_MODE)
+
+
+def _graph_outputs(folder: Path) -> list[str]:
+    import onnx
+
+    cfg = modeldir.read_genai_config(folder)
+    model = onnx.load(str(folder / cfg["model"]["decoder"]["filename"]), load_external_data=False)
+    return [o.name for o in model.graph.output]
+
+
+def validate_genai_dir(folder: str | Path, spec: VariantSpec) -> dict:
+    """Check a built variant: a complete genai folder with a ``logits`` output that loads and generates.
+
+    Build-only variants (their execution provider is not on this machine) get the folder checks only.
+    Raises SlmopsError with what failed.
+    """
+    folder = Path(folder)
+    modeldir.check_genai_dir(folder)
+    outputs = _graph_outputs(folder)
+    if LOGITS not in outputs:
+        raise SlmopsError(f"{folder}: the model has no {LOGITS!r} output (outputs: {', '.join(outputs[:3])}...), "
+                          "so onnxruntime-genai cannot load it", "rename the output back to logits")
+    if spec.build_only:
+        return {"loaded": False, "reason": f"{spec.execution_provider} is not available on this machine"}
+    proc = subprocess.run([sys.executable, "-c", _VALIDATE_SCRIPT, str(folder), str(VALIDATE_NEW_TOKENS)],
+                          capture_output=True, text=True, timeout=VALIDATE_TIMEOUT_S)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+        raise SlmopsError(f"{folder} does not load or generate with onnxruntime-genai: {last}",
+                          "check the variant's Olive passes")
+    new_tokens = json.loads(proc.stdout.strip().splitlines()[-1])["new_tokens"]
+    if not new_tokens:
+        raise SlmopsError(f"{folder} loads but generated no tokens", "check the variant's Olive passes")
+    return {"loaded": True, "new_tokens": len(new_tokens)}
+
+
+class _CacheDirs:
+    """Paths inside the conversion cache folder."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.olive = root / "olive"
+        self.entries = root / "variants"
+        self.tmp = root / "tmp"
+        self.logs = root / "logs"
+        self.lock = root / "convert.lock"
+
+    def entry(self, key: str) -> Path:
+        return self.entries / key
+
+    def make(self) -> None:
+        for d in (self.olive, self.entries, self.tmp, self.logs):
+            d.mkdir(parents=True, exist_ok=True)
+
+    def remove_debris(self) -> None:
+        """Under the lock, nothing may be half-written: drop leftovers of killed runs."""
+        for stale in self.tmp.iterdir() if self.tmp.is_dir() else ():
+            shutil.rmtree(stale, ignore_errors=True)
+        runs = self.olive / "default_workflow" / "runs"
+        for run in runs.iterdir() if runs.is_dir() else ():
+            # Olive writes run.json only after a pass finished: a run folder without it is incomplete.
+            if run.is_dir() and not (run / "run.json").is_file():
+                shutil.rmtree(run, ignore_errors=True)
+
+
+def complete_entry(entry: Path) -> dict | None:
+    """The manifest of a finished cache entry, or None if there is none."""
+    manifest = _read_json_or_empty(entry / ENTRY_MANIFEST)
+    return manifest or None
+
+
+def _build_entry(model_dir: Path, spec: VariantSpec, key: str, dirs: _CacheDirs, trust_remote_code: bool,
+                 stage: Callable[[str], None]) -> dict:
+    """Run the variant's Olive workflow and validate it; publish it as cache entry <key> by one rename."""
+    work = Path(tempfile.mkdtemp(prefix=f"{key[:16]}-", dir=dirs.tmp))
+    built = work / "model"
+    log_path = dirs.logs / f"{spec.name}-{key[:12]}.log"
+    try:
+        stage(f"olive {_pass_chain(spec)}")
+        start = time.perf_counter()
+        config = olive_config(model_dir, spec, str(built), str(dirs.olive), trust_remote_code)
+        try:
+            _run_olive(config, log_path)
+        except OSError:
+            raise  # a full disk or a permission problem: reported as such
+        except Exception as exc:
+            raise SlmopsError(f"Olive failed: {type(exc).__name__}: {exc}", f"see the log {log_path}") from exc
+        build_s = time.perf_counter() - start
+        if not (built / modeldir.GENAI_CONFIG).is_file():
+            raise SlmopsError(f"Olive wrote no model for this variant (log: {log_path})",
+                              "check the execution provider and precision are a valid pair")
+        _clean_genai_dir(built)
+        stage("validate")
+        validation = validate_genai_dir(built, spec)
+        manifest = {"key": key, "spec": spec.to_dict(), "build_s": build_s, "validation": validation,
+                    "weights_sha256": modeldir.weights_hash(built), "versions": tool_versions(),
+                    "input_model": str(model_dir)}
+        (built / ENTRY_MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+        os.rename(built, dirs.entry(key))
+        return manifest
+    except BaseException:
+        dirs.remove_debris()  # we hold the lock, so every incomplete Olive run is ours
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _entry_files(entry: Path) -> list[Path]:
+    return [p for p in sorted(entry.rglob("*")) if p.is_file() and p.name != ENTRY_MANIFEST]
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Hardlink from the cache (no extra disk, no copy time); copy across file systems."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+            raise
+        shutil.copy2(src, dst)
+
+
+def _same_model(entry: Path, existing: Path, weights_sha256: str) -> bool:
+    """Whether an existing output folder already holds exactly this cache entry."""
+    files = _entry_files(entry)
+    names = {str(p.relative_to(entry)) for p in files} | {OLIVE_CONFIG_FILE}
+    have = {str(p.relative_to(existing)) for p in existing.rglob("*") if p.is_file()}
+    if names != have:
+        return False
+    if all(os.path.samefile(p, existing / p.relative_to(entry)) for p in files):
+        return True  # hardlinks of the entry itself
+    try:
+        return modeldir.weights_hash(existing) == weights_sha256
+    except SlmopsError:
+        return False
+
+
+def _publish(entry: Path, final: Path, olive_cfg: dict) -> None:
+    """Build the output folder beside its final place, then rename it in: all of it or nothing."""
+    tmp = final.parent / f".{final.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+        for src in _entry_files(entry):
+            _link_or_copy(src, tmp / src.relative_to(entry))
+        (tmp / OLIVE_CONFIG_FILE).write_text(json.dumps(olive_cfg, indent=2) + "\n", encoding="utf-8")
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _make_parents(path: Path) -> list[Path]:
+    """mkdir -p, returning the folders it created (deepest last) so a failure can remove just those."""
+    created = []
+    for parent in reversed([path, *path.parents]):
+        if not parent.exists():
+            parent.mkdir()
+            created.append(parent)
+    return created
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    for folder in reversed(folders):
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only succeeds on an empty folder: never deletes what anyone wrote
+
+
+def _check_output_path(final: Path) -> None:
+    for parent in [final.parent, *final.parent.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise SlmopsError(f"output path {parent} is a file, expected a folder", "pass a folder for --output")
+
+
+def _failed(spec: VariantSpec, error: str, start: float) -> ConversionResult:
+    return ConversionResult(spec, STATUS_FAILED, None, error, time.perf_counter() - start, None, None, None,
+                            False, spec.build_only)
+
+
+def _error_text(exc: BaseException) -> str:
+    if isinstance(exc, SlmopsError):
+        return exc.message
+    if isinstance(exc, OSError):
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        return f"{exc.strerror or exc}{where}; check free disk space and permissions"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def convert_variant(model_dir: str | Path, spec: VariantSpec, output_dir: str | Path, *,
+                    cache_dir: str | Path | None, trust_remote_code: bool = False,
+                    on_stage: Callable[[str], None] | None = None) -> ConversionResult:
+    """Convert one variant of a Hugging Face model into the genai folder ``output_dir``.
+
+    A cached variant is hardlinked from the cache without running Olive. A failure of this variant
+    (Olive error, validation, full disk) is returned as ``status="failed"`` with its error, and leaves
+    no partial folder; Ctrl-C removes the partial folder and re-raises.
+
+    Args:
+        model_dir: the Hugging Face model folder.
+        spec: the variant to build.
+        output_dir: the variant's own folder, e.g. ``out/int4``; created, or reused if it already holds
+            exactly this variant.
+        cache_dir: conversion cache folder; None for ``$SLMOPS_CACHE_DIR`` or ``~/.cache/mlflow-slmops``.
+        trust_remote_code: allow models whose config asks to run custom code.
+        on_stage: called with the name of each stage as it starts (for a progress bar).
+
+    Raises:
+        SlmopsError: only for input every variant shares: the model folder, or an output path that is a file.
+
+    Example:
+        >>> r = convert_variant("./my-model", PRESETS["int4"], "./out/int4", cache_dir=None)  # doctest: +SKIP
+        >>> r.status, r.output_dir  # doctest: +SKIP
+        ('ok', './out/int4')
+    """
+    start = time.perf_counter()
+    stage = on_stage or (lambda _name: None)
+    model_dir = Path(model_dir).resolve()
+    final = Path(output_dir).absolute()
+    check_hf_model_dir(model_dir, trust_remote_code)
+    _check_output_path(final)
+    dirs = _CacheDirs(Path(cache_dir).expanduser().absolute() if cache_dir else default_cache_dir())
+    created: list[Path] = []
+    try:
+        dirs.make()
+        stage(STAGES[0])
+        key = entry_key(input_model_hash(model_dir, dirs.root), spec, trust_remote_code)
+        manifest, cached = _cached_or_built(model_dir, spec, key, dirs, trust_remote_code, stage)
+        stage(STAGES[3])
+        created = _make_parents(final.parent)
+        olive_cfg = reproduction_config(model_dir, spec, trust_remote_code)
+        if final.exists():
+            if not _same_model(dirs.entry(key), final, manifest["weights_sha256"]) or \
+                    _read_json_or_empty(final / OLIVE_CONFIG_FILE) != olive_cfg:
+                raise SlmopsError(f"{final} already exists and holds something else",
+                                  "pass another --output folder, or move that folder away")
+        else:
+            _publish(dirs.entry(key), final, olive_cfg)
+    except Exception as exc:
+        _remove_if_empty(created)
+        logger.warning("%s failed: %s", spec.name, _error_text(exc))
+        return _failed(spec, _error_text(exc), start)
+    except BaseException:
+        _remove_if_empty(created)
+        raise
+    return ConversionResult(spec, STATUS_OK, str(final), None, time.perf_counter() - start,
+                            modeldir.dir_size_bytes(final), manifest["weights_sha256"],
+                            str(final / OLIVE_CONFIG_FILE), cached, spec.build_only)
+
+
+def _cached_or_built(model_dir: Path, spec: VariantSpec, key: str, dirs: _CacheDirs, trust_remote_code: bool,
+                     stage: Callable[[str], None]) -> tuple[dict, bool]:
+    """The cache entry for key: read if complete, else built under the cross-process lock."""
+    from filelock import FileLock
+
+    manifest = complete_entry(dirs.entry(key))
+    if manifest:
+        return manifest, True
+    with FileLock(str(dirs.lock)):
+        manifest = complete_entry(dirs.entry(key))  # another sweep may have built it while we waited
+        if manifest:
+            return manifest, True
+        dirs.remove_debris()
+        return _build_entry(model_dir, spec, key, dirs, trust_remote_code, stage), False
+
+
+def convert_variants(model_dir: str | Path, specs: list[VariantSpec], output_dir: str | Path, *,
+                     cache_dir: str | Path | None = None, trust_remote_code: bool = False,
+                     progress: bool = True) -> list[ConversionResult]:
+    """Convert every variant into ``output_dir/<variant name>/``; one failure never stops the others.
+
+    Args:
+        model_dir: the Hugging Face model folder.
+        specs: the variants, e.g. ``resolve_variants("fp32,int8,int4")``.
+        output_dir: parent folder of the variant folders.
+        cache_dir: conversion cache; None for ``$SLMOPS_CACHE_DIR`` or ``~/.cache/mlflow-slmops``.
+        trust_remote_code: allow models whose config asks to run custom code.
+        progress: draw rich progress bars on stderr.
+
+    Raises:
+        SlmopsError: for bad shared input (the model folder, an output path that is a file), before any work.
+
+    Example:
+        >>> from mlflow_slmops.variants import resolve_variants
+        >>> results = convert_variants("./my-model", resolve_variants("fp32,int4"), "./out")  # doctest: +SKIP
+        >>> [(r.spec.name, r.status) for r in results]  # doctest: +SKIP
+        [('fp32', 'ok'), ('int4', 'ok')]
+    """
+    from mlflow_slmops.progress import make_progress
+
+    check_hf_model_dir(model_dir, trust_remote_code)
+    root = Path(output_dir).absolute()
+    _check_output_path(root / "x")
+    created = _make_parents(root)
+    results: list[ConversionResult] = []
+    try:
+        with make_progress(progress) as bars:
+            overall = bars.add_task("variants", total=len(specs))
+            for spec in specs:
+                task = bars.add_task(f"{spec.name}: queued", total=len(STAGES))
+                result = convert_variant(model_dir, spec, root / spec.name, cache_dir=cache_dir,
+                                         trust_remote_code=trust_remote_code,
+                                         on_stage=_stage_reporter(bars, task, spec.name))
+                bars.update(task, completed=len(STAGES), description=f"{spec.name}: {result.status}")
+                bars.advance(overall)
+                _log_result(result, bars.console if progress else None)
+                results.append(result)
+    finally:
+        _remove_if_empty(created)  # a run where nothing was written leaves no empty output folder
+    return results
+
+
+def _stage_reporter(bars, task, name: str) -> Callable[[str], None]:
+    def report(stage: str) -> None:
+        done = next((i for i, s in enumerate(STAGES) if stage.startswith(s)), 0)
+        bars.update(task, completed=done, description=f"{name}: {stage}")
+    return report
+
+
+def _log_result(result: ConversionResult, console) -> None:
+    name = result.spec.name
+    if result.status == STATUS_OK:
+        how = "from cache" if result.cached else f"built in {result.convert_s:.1f} s"
+        line = f"{name}: {result.output_dir} ({how}{', build-only' if result.build_only else ''})"
+        logger.info(line)
+    else:
+        line = f"{name}: FAILED: {result.error}"
+        logger.warning(line)
+    if console is not None:
+        console.print(line, markup=False, highlight=False)
+
+
+def results_table(results: list[ConversionResult]):
+    """A rich Table of conversion results: variant, status, size, time, cache, folder or error."""
+    from rich.table import Table
+
+    table = Table(title="Conversion results")
+    for col in ("variant", "status", "size MB", "seconds", "cached", "build-only", "folder / error"):
+        table.add_column(col, overflow="fold")
+    for r in results:
+        size = f"{r.size_bytes / 2**20:.1f}" if r.size_bytes is not None else "-"
+        table.add_row(r.spec.name, r.status, size, f"{r.convert_s:.1f}", "yes" if r.cached else "no",
+                      "yes" if r.build_only else "no", r.output_dir or r.error or "")
+    return table
