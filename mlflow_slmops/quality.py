@@ -525,9 +525,10 @@ def evaluate(model_dir: str | Path, text_path: str | Path | None = None, qa_path
     text_path, qa_path = _default_paths(text_path, qa_path)
     text, items = read_eval_text(text_path), load_qa(qa_path)
     gm = GenaiModel(model_dir)
-    probe_rows = _run_probes(gm, probes, on_progress, on_probe)
     ids = [int(t) for t in gm.tokenizer.encode(text)]
     chunks = text_chunks(ids, min(config.chunk_tokens, gm.context_length), config.max_chunks, text_path)
+    # Probes first: if one kills the process, run_evaluate restarts without it and loses nothing else.
+    probe_rows = _run_probes(gm, probes, on_progress, on_probe)
     base_model = _load_baseline(baseline_dir, text, ids) if baseline_dir is not None else None
     scores = score_text(gm.model, chunks, base_model, _task(on_progress, "perplexity chunks"))
     del base_model  # free the baseline before generating answers

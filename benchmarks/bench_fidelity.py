@@ -1,0 +1,252 @@
+"""Measurement fidelity on a Qwen2.5-0.5B-shaped model: do our benchmark and perplexity harnesses measure
+what a bare onnxruntime-genai loop measures, and how close is each variant's decode to the memory roofline?
+
+All figures come from one run on one machine, side by side:
+- decode tok/s and TTFT of ``benchmark.run_benchmark`` (fresh subprocess) against a bare genai loop
+  (this process), interleaved over several rounds so load from other processes hits both alike;
+- decode roofline efficiency = decode tok/s x bytes streamed per token / copy bandwidth (numpy, same run);
+- perplexity throughput (tokens/s) of ``quality.score_text`` against bare forward passes over the same chunks.
+
+Run:  .venv/bin/python benchmarks/bench_fidelity.py            (writes benchmarks/out/fidelity.{json,md})
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "out"
+# Qwen2.5-0.5B's shape: 494M parameters with tied embeddings.
+QWEN05_SHAPE = dict(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab_size=151936,
+                    max_positions=32768)
+DEFAULT_VARIANTS = "fp32,int8,int4,int4-b128-asym"
+BANDWIDTH_BYTES = 512 << 20
+BANDWIDTH_TRIALS = 7
+GB = 1e9
+MS = 1000.0
+
+
+def build_hf_model(work: Path) -> Path:
+    """The HF folder: benchmarks/make_qwen05_shape.py's if it is there, else built here with the same shape."""
+    hf = work / "hf-qwen05"
+    if (hf / "config.json").is_file():
+        return hf
+    from mlflow_slmops.toymodel import build_tiny_model
+
+    print(f"building {hf} ...", flush=True)
+    return build_tiny_model(hf, "qwen2", **QWEN05_SHAPE)
+
+
+def convert(hf: Path, work: Path, names: str) -> dict[str, str]:
+    from mlflow_slmops.convert import convert_variants
+    from mlflow_slmops.variants import resolve_variants
+
+    results = convert_variants(hf, resolve_variants(names, None), work / "variants", cache_dir=work / "cache",
+                               progress=False)
+    failed = [f"{r.spec.name}: {r.error}" for r in results if r.status != "ok"]
+    if failed:
+        print("conversion failed:", *failed, sep="\n  ", file=sys.stderr)
+    return {r.spec.name: r.output_dir for r in results if r.status == "ok"}
+
+
+def copy_bandwidth() -> float:
+    """STREAM-style copy bandwidth in GB/s: (bytes read + bytes written) / time, best of several trials."""
+    src = np.ones(BANDWIDTH_BYTES // 8, dtype=np.float64)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(BANDWIDTH_TRIALS):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.nbytes / best / GB
+
+
+def streamed_bytes(model_dir: str) -> tuple[int, int]:
+    """(all initializer bytes, bytes a decode step streams): the second leaves out tables only read by Gather
+    (the embedding table: one row per token)."""
+    import onnx
+
+    from mlflow_slmops import modeldir
+
+    total = modeldir.onnx_weight_bytes(model_dir)
+    cfg = modeldir.read_genai_config(model_dir)
+    graph = onnx.load(str(Path(model_dir) / cfg["model"]["decoder"]["filename"]), load_external_data=False).graph
+    consumers: dict[str, set[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, set()).add(node.op_type)
+    gather_only = 0
+    for init in graph.initializer:
+        if consumers.get(init.name) == {"Gather"}:
+            gather_only += _initializer_bytes(init)
+    return total, total - gather_only
+
+
+def _initializer_bytes(init) -> int:
+    import onnx
+
+    from mlflow_slmops.modeldir import _ONNX_DTYPE_BYTES
+
+    if init.data_location == onnx.TensorProto.EXTERNAL:
+        return int({e.key: e.value for e in init.external_data}.get("length", 0))
+    return int(np.prod(init.dims)) * _ONNX_DTYPE_BYTES.get(init.data_type, 4)
+
+
+def bare_loop(model, ids: list[int], gen_len: int, warmup: int, repeats: int) -> dict:
+    """The reference: benchmark_e2e.py's loop, nothing else."""
+    import onnxruntime_genai as og
+
+    ttft, decode = [], []
+    for i in range(warmup + repeats):
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=False, max_length=len(ids) + gen_len, min_length=len(ids) + gen_len)
+        gen = og.Generator(model, params)
+        t0 = time.perf_counter()
+        gen.append_tokens(ids)
+        gen.generate_next_token()
+        t1 = time.perf_counter()
+        for _ in range(gen_len - 1):
+            gen.generate_next_token()
+        t2 = time.perf_counter()
+        if i >= warmup:
+            ttft.append((t1 - t0) * MS)
+            decode.append((gen_len - 1) / (t2 - t1))
+    return {"ttft_ms": ttft, "decode_tok_s": decode}
+
+
+def bare_forward(model, chunks: list[list[int]]) -> float:
+    """Seconds for one bare forward pass per chunk, reading the full logits out."""
+    import onnxruntime_genai as og
+
+    t0 = time.perf_counter()
+    for chunk in chunks:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(chunk))
+        gen = og.Generator(model, params)
+        gen.append_tokens(chunk)
+        gen.get_output("logits")
+    return time.perf_counter() - t0
+
+
+def measure_variant(name: str, folder: str, args, bandwidth: float) -> dict:
+    import onnxruntime_genai as og
+
+    from mlflow_slmops import benchmark, quality
+    from mlflow_slmops import data as packaged_data
+
+    model = og.Model(folder)
+    tok = og.Tokenizer(model)
+    ids = benchmark.prompt_ids(tok, args.prompt_len)
+    cfg = benchmark.BenchmarkConfig(prompt_len=args.prompt_len, gen_len=args.gen_len, warmup=args.warmup,
+                                    repeats=args.repeats, prompt_lens=(args.prompt_len,),
+                                    leak_generations=args.repeats)
+    bare = {"ttft_ms": [], "decode_tok_s": []}
+    ours = {"ttft_ms": [], "decode_tok_s": []}
+    for r in range(args.rounds):
+        print(f"  {name} round {r + 1}/{args.rounds}", flush=True)
+        b = bare_loop(model, ids, args.gen_len, args.warmup, args.repeats)
+        res = benchmark.run_benchmark(folder, cfg)
+        for key in bare:
+            bare[key] += b[key]
+        ours["ttft_ms"] += [s.ttft_ms for s in res.samples]
+        ours["decode_tok_s"] += [(args.gen_len - 1) / (s.decode_ms / MS) for s in res.samples]
+    text = packaged_data.path(packaged_data.EVAL_TEXT).read_text()
+    chunks = quality.text_chunks([int(t) for t in tok.encode(text)], args.chunk_tokens, args.ppl_chunks, "eval")
+    tokens = sum(len(c) for c in chunks)
+    bare_s, ours_s = [], []
+    bare_forward(model, chunks[:1])  # warm-up
+    for _ in range(args.rounds):
+        bare_s.append(bare_forward(model, chunks))
+        t0 = time.perf_counter()
+        quality.score_text(model, chunks)
+        ours_s.append(time.perf_counter() - t0)
+    total_bytes, stream = streamed_bytes(folder)
+    dec = statistics.fmean(ours["decode_tok_s"])
+    return {
+        "variant": name, "folder": folder, "weight_bytes": total_bytes, "streamed_bytes": stream,
+        "bare_decode_tok_s": statistics.fmean(bare["decode_tok_s"]), "ours_decode_tok_s": dec,
+        "bare_decode_std": statistics.stdev(bare["decode_tok_s"]), "ours_decode_std": statistics.stdev(ours["decode_tok_s"]),
+        "bare_ttft_ms": statistics.fmean(bare["ttft_ms"]), "ours_ttft_ms": statistics.fmean(ours["ttft_ms"]),
+        "decode_ratio": dec / statistics.fmean(bare["decode_tok_s"]),
+        "ttft_ratio": statistics.fmean(ours["ttft_ms"]) / statistics.fmean(bare["ttft_ms"]),
+        "roofline_efficiency": dec * stream / (bandwidth * GB),
+        "roofline_efficiency_all_weights": dec * total_bytes / (bandwidth * GB),
+        "ppl_tokens": tokens, "bare_fwd_tok_s": tokens / statistics.median(bare_s),
+        "ours_ppl_tok_s": tokens / statistics.median(ours_s),
+        "ppl_throughput_ratio": statistics.median(bare_s) / statistics.median(ours_s),
+        "samples": {"bare": bare, "ours": ours, "bare_fwd_s": bare_s, "ours_ppl_s": ours_s},
+    }
+
+
+def machine() -> dict:
+    import onnxruntime
+    import onnxruntime_genai
+    import psutil
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
+            "onnxruntime_genai": onnxruntime_genai.__version__, "numpy": np.__version__}
+
+
+def markdown(results: list[dict], info: dict) -> str:
+    lines = [
+        f"Machine: {info['cpu']}, {info['cores']} cores, {info['ram_gib']} GiB RAM; onnxruntime "
+        f"{info['onnxruntime']}, onnxruntime-genai {info['onnxruntime_genai']}. Copy bandwidth (numpy, "
+        f"read + write, best of {BANDWIDTH_TRIALS}): {info['bandwidth_gb_s']:.1f} GB/s at the start, "
+        f"{info['bandwidth_end_gb_s']:.1f} GB/s at the end. Load average (1 min) {info['load_start']:.1f} at the "
+        f"start, {info['load_end']:.1f} at the end. Prompt {info['prompt_len']} tokens, {info['gen_len']} new "
+        f"tokens, {info['rounds']} interleaved rounds x {info['repeats']} repeats each side.",
+        "",
+        "| variant | decode tok/s bare | decode tok/s ours | ours/bare | TTFT ms bare | TTFT ms ours | ours/bare "
+        "| streamed MB/token | roofline eff. | ppl tok/s bare fwd | ppl tok/s ours | ours/bare |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['variant']} | {r['bare_decode_tok_s']:.1f} ± {r['bare_decode_std']:.1f} "
+            f"| {r['ours_decode_tok_s']:.1f} ± {r['ours_decode_std']:.1f} | {r['decode_ratio']:.3f} "
+            f"| {r['bare_ttft_ms']:.0f} | {r['ours_ttft_ms']:.0f} | {r['ttft_ratio']:.3f} "
+            f"| {r['streamed_bytes'] / 1e6:.0f} | {r['roofline_efficiency']:.0%} "
+            f"| {r['bare_fwd_tok_s']:.0f} | {r['ours_ppl_tok_s']:.0f} | {r['ppl_throughput_ratio']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS)
+    parser.add_argument("--work", type=Path, default=OUT / "qwen05")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--gen-len", type=int, default=32)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--chunk-tokens", type=int, default=128)
+    parser.add_argument("--ppl-chunks", type=int, default=8)
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    folders = convert(build_hf_model(args.work), args.work, args.variants)
+    info = {**machine(), "load_start": os.getloadavg()[0], "bandwidth_gb_s": copy_bandwidth(),
+            **{k: getattr(args, k) for k in ("prompt_len", "gen_len", "repeats", "rounds")}}
+    print(f"copy bandwidth {info['bandwidth_gb_s']:.1f} GB/s", flush=True)
+    results = [measure_variant(name, folder, args, info["bandwidth_gb_s"]) for name, folder in folders.items()]
+    info["bandwidth_end_gb_s"], info["load_end"] = copy_bandwidth(), os.getloadavg()[0]
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "fidelity.json").write_text(json.dumps({"machine": info, "results": results}, indent=2))
+    table = markdown(results, info)
+    (OUT / "fidelity.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
