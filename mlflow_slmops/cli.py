@@ -16,6 +16,8 @@ from mlflow_slmops.errors import SlmopsError
 
 EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 130
+# Rich assumes 80 columns when stdout is not a terminal; tables of metrics need more.
+TABLE_WIDTH_PIPED = 200
 
 
 def friendly_errors(fn):
@@ -93,11 +95,12 @@ def _print_table(df, columns: list[str]) -> None:
 
     table = Table(show_header=True, header_style="bold")
     cols = [c for c in columns if c in df.columns]
+    console = Console() if sys.stdout.isatty() else Console(width=TABLE_WIDTH_PIPED)
     for c in cols:
         table.add_column(c, justify="left" if c in ("variant", "status") else "right")
     for _, row in df.iterrows():
         table.add_row(*[_cell(row[c]) for c in cols])
-    Console().print(table)
+    console.print(table)
 
 
 def _cell(value) -> str:
