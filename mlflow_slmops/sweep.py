@@ -358,7 +358,10 @@ def run_sweep(req: SweepRequest | None = None, *, resume_run_id: str | None = No
         parent_id = parent.info.run_id
         mlflow.set_tag(M.ROLE_TAG, M.ROLE_SWEEP)
         if not resume_run_id:
-            mlflow.log_params({**req.params(), **tool_versions(), **machine_fingerprint()})
+            # Under `mlflow run` the project params are logged already, as MLflow quoted them.
+            logged = client.get_run(parent_id).data.params
+            params = {**req.params(), **tool_versions(), **machine_fingerprint()}
+            mlflow.log_params({k: v for k, v in params.items() if k not in logged})
             mlflow.log_dict(asdict(req), REQUEST_ARTIFACT)
         echo(f"Sweep run {parent_id} in experiment {parent.info.experiment_id}: "
              f"{', '.join(s.name for s in specs)}")
