@@ -233,9 +233,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--chunk-tokens", type=int, default=128)
     parser.add_argument("--ppl-chunks", type=int, default=8)
+    parser.add_argument("--prepare-only", action="store_true", help="Build and convert the model, measure nothing.")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     folders = convert(build_hf_model(args.work), args.work, args.variants)
+    if args.prepare_only:
+        print(json.dumps(folders, indent=2))
+        return
     info = {**machine(), "load_start": os.getloadavg()[0], "bandwidth_gb_s": copy_bandwidth(),
             **{k: getattr(args, k) for k in ("prompt_len", "gen_len", "repeats", "rounds")}}
     print(f"copy bandwidth {info['bandwidth_gb_s']:.1f} GB/s", flush=True)

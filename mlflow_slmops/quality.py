@@ -373,14 +373,75 @@ def chunk_logits(model: Any, ids: list[int]) -> Any:
     return np.asarray(logits[0], dtype=np.float32)
 
 
-def log_softmax(logits: Any) -> Any:
-    """Row-wise log-softmax in float32, numerically stable."""
-    import numpy as np
+# ONNX opset of the scoring graphs (ReduceSum takes its axes as an input from opset 13 on).
+_SCORER_OPSET = 17
 
-    out = logits - logits.max(axis=-1, keepdims=True)
-    lse = np.log(np.exp(out).sum(axis=-1, keepdims=True, dtype=np.float64)).astype(np.float32)
-    out -= lse
-    return out
+
+class LogitScorer:
+    """Turns a chunk's logits into per-position figures with two tiny onnxruntime graphs.
+
+    A row-wise log-softmax over a 150k vocabulary costs about as much as a small model's forward pass in
+    single-threaded numpy; onnxruntime's LogSoftmax is vectorised and multi-threaded.
+
+    ``own(x, t)`` gives log p(t_i) for each row i of the logits x (L, V) and targets t (L,).
+    ``compare(x, b, t)`` also gives the baseline's log p_b(t_i), KL(P_b || P) per row, and both argmaxes.
+    """
+
+    def __init__(self) -> None:
+        self._own = self._session(compare=False)
+        self._compare = self._session(compare=True)
+
+    @staticmethod
+    def _session(compare: bool) -> Any:
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+
+        def logits_input(name: str) -> Any:
+            return helper.make_tensor_value_info(name, TensorProto.FLOAT, ["L", "V"])
+
+        col = ["L", 1]
+        nodes = [helper.make_node("LogSoftmax", ["x"], ["lx"], axis=-1),
+                 helper.make_node("GatherElements", ["lx", "t"], ["gx"], axis=1)]
+        inputs = [logits_input("x"), helper.make_tensor_value_info("t", TensorProto.INT64, col)]
+        outputs = [helper.make_tensor_value_info("gx", TensorProto.FLOAT, col)]
+        if compare:
+            nodes += [
+                helper.make_node("LogSoftmax", ["b"], ["lb"], axis=-1),
+                helper.make_node("GatherElements", ["lb", "t"], ["gb"], axis=1),
+                helper.make_node("Sub", ["lb", "lx"], ["diff"]),
+                helper.make_node("Exp", ["lb"], ["pb"]),
+                helper.make_node("Mul", ["pb", "diff"], ["terms"]),
+                helper.make_node("ReduceSum", ["terms", "axes"], ["kl"], keepdims=1),
+                helper.make_node("ArgMax", ["x"], ["ax"], axis=-1, keepdims=1),
+                helper.make_node("ArgMax", ["b"], ["ab"], axis=-1, keepdims=1),
+            ]
+            inputs.insert(1, logits_input("b"))
+            outputs += [helper.make_tensor_value_info("gb", TensorProto.FLOAT, col),
+                        helper.make_tensor_value_info("kl", TensorProto.FLOAT, col),
+                        helper.make_tensor_value_info("ax", TensorProto.INT64, col),
+                        helper.make_tensor_value_info("ab", TensorProto.INT64, col)]
+        axes = helper.make_tensor("axes", TensorProto.INT64, [1], [-1])
+        graph = helper.make_graph(nodes, "slmops_scorer", inputs, outputs, initializer=[axes] if compare else [])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", _SCORER_OPSET)])
+        model.ir_version = 8  # readable by every onnxruntime we support
+        return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+    @staticmethod
+    def _targets(chunk: list[int]) -> Any:
+        import numpy as np
+
+        # The last position has no next token in the chunk; it gets a dummy target and is not summed.
+        return np.asarray([*chunk[1:], 0], dtype=np.int64).reshape(-1, 1)
+
+    def own(self, logits: Any, chunk: list[int]) -> Any:
+        """log p(next token) at each position but the last, shape (L-1,)."""
+        (gx,) = self._own.run(None, {"x": logits, "t": self._targets(chunk)})
+        return gx[:-1, 0]
+
+    def compare(self, logits: Any, base_logits: Any, chunk: list[int]) -> dict:
+        """Per position: log p and log p_base of the next token (L-1,), KL(P_base || P) (L,), top-1 match (L,)."""
+        gx, gb, kl, ax, ab = self._compare.run(None, {"x": logits, "b": base_logits, "t": self._targets(chunk)})
+        return {"logp": gx[:-1, 0], "base_logp": gb[:-1, 0], "kl": kl[:, 0], "agree": ax[:, 0] == ab[:, 0]}
 
 
 def score_text(model: Any, chunks: list[list[int]], baseline: Any = None,
@@ -395,22 +456,24 @@ def score_text(model: Any, chunks: list[list[int]], baseline: Any = None,
     """
     import numpy as np
 
+    scorer = LogitScorer()
     nll = base_nll = kl_sum = 0.0
     agree = predictions = positions = 0
     for i, chunk in enumerate(chunks):
-        logp = log_softmax(chunk_logits(model, chunk))
-        targets = np.asarray(chunk[1:])
-        rows = np.arange(len(chunk) - 1)
-        nll -= float(logp[rows, targets].sum(dtype=np.float64))
+        logits = chunk_logits(model, chunk)
         predictions += len(chunk) - 1
-        if baseline is not None:
-            base_logp = log_softmax(chunk_logits(baseline, chunk))
-            if base_logp.shape != logp.shape:
-                raise SlmopsError(f"the baseline's vocabulary ({base_logp.shape[1]}) differs from the model's "
-                                  f"({logp.shape[1]})", "compare variants of the same base model")
-            base_nll -= float(base_logp[rows, targets].sum(dtype=np.float64))
-            kl_sum += _kl_sum(base_logp, logp)
-            agree += int((base_logp.argmax(axis=-1) == logp.argmax(axis=-1)).sum())
+        if baseline is None:
+            nll -= float(scorer.own(logits, chunk).sum(dtype=np.float64))
+        else:
+            base_logits = chunk_logits(baseline, chunk)
+            if base_logits.shape != logits.shape:
+                raise SlmopsError(f"the baseline's vocabulary ({base_logits.shape[1]}) differs from the model's "
+                                  f"({logits.shape[1]})", "compare variants of the same base model")
+            got = scorer.compare(logits, base_logits, chunk)
+            nll -= float(got["logp"].sum(dtype=np.float64))
+            base_nll -= float(got["base_logp"].sum(dtype=np.float64))
+            kl_sum += float(got["kl"].sum(dtype=np.float64))
+            agree += int(got["agree"].sum())
             positions += len(chunk)
         if on_chunk:
             on_chunk(i + 1, len(chunks))
@@ -421,15 +484,6 @@ def score_text(model: Any, chunks: list[list[int]], baseline: Any = None,
         scores.kl_div = kl_sum / positions
         scores.top1_agreement = agree / positions
     return scores
-
-
-def _kl_sum(base_logp: Any, logp: Any) -> float:
-    """Sum over positions of KL(P_base || P) = sum_v p_base(v) (log p_base(v) - log p(v))."""
-    import numpy as np
-
-    diff = base_logp - logp
-    diff *= np.exp(base_logp)
-    return float(diff.sum(dtype=np.float64))
 
 
 # ---------------------------------------------------------------- QA and probes

@@ -47,6 +47,28 @@ def test_genai_returns_causal_logits_for_every_appended_position(genai_qwen_fp32
     np.testing.assert_allclose(full[5], prefix[5], rtol=1e-4, atol=1e-4)
 
 
+def _reference_log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    shifted = x - x.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def test_scorer_matches_a_float64_reference_for_logprob_kl_and_top1():
+    rng = np.random.default_rng(0)
+    rows, vocab = 16, 4096
+    logits = rng.standard_normal((rows, vocab), dtype=np.float32) * 3
+    base = logits + rng.standard_normal((rows, vocab), dtype=np.float32) * 0.3
+    chunk = [int(t) for t in rng.integers(0, vocab, rows)]
+    got = quality.LogitScorer().compare(logits, base, chunk)
+    lx, lb = _reference_log_softmax(logits), _reference_log_softmax(base)
+    nxt = np.arange(rows - 1), np.asarray(chunk[1:])
+    np.testing.assert_allclose(got["logp"], lx[nxt], atol=1e-4)
+    np.testing.assert_allclose(got["base_logp"], lb[nxt], atol=1e-4)
+    np.testing.assert_allclose(got["kl"], (np.exp(lb) * (lb - lx)).sum(axis=-1), rtol=1e-3)
+    np.testing.assert_array_equal(got["agree"], logits.argmax(axis=-1) == base.argmax(axis=-1))
+    assert not got["agree"].all()  # the noise is large enough to flip some argmaxes
+
+
 def test_fp32_against_itself_gives_zero_kl_and_full_top1_agreement(genai_qwen_fp32, small_qa):
     result = quality.evaluate(genai_qwen_fp32, qa_path=small_qa, baseline_dir=genai_qwen_fp32, config=FEW_CHUNKS)
     assert abs(result.kl_div) < 1e-6
