@@ -399,6 +399,22 @@ def _run_olive(config: dict, log_path: Path) -> None:
         olive_run(config)
 
 
+def _olive_failure(log_path: Path) -> Exception:
+    """Olive logs a failed pass and returns no model: recover the cause from its log."""
+    import re
+
+    text = log_path.read_text(encoding="utf-8", errors="replace") if log_path.is_file() else ""
+    causes = re.findall(r"^(\w+(?:Error|Exception)): (.+)$", text, flags=re.M)
+    if not causes:
+        return SlmopsError(f"Olive wrote no model for this variant (log: {log_path})",
+                           "check the execution provider and precision are a valid pair")
+    kind, detail = causes[-1]
+    errno_match = re.match(r"\[Errno (\d+)\] (.*)", detail)
+    if kind == "OSError" and errno_match:  # a full disk or quota: report it as the OSError it was
+        return OSError(int(errno_match.group(1)), errno_match.group(2).strip())
+    return SlmopsError(f"Olive failed: {kind}: {detail.strip()}", f"see the log {log_path}")
+
+
 def _clean_genai_dir(folder: Path) -> None:
     for name in OLIVE_CLUTTER:
         (folder / name).unlink(missing_ok=True)
@@ -467,7 +483,9 @@ class _CacheDirs:
         runs = self.olive / "default_workflow" / "runs"
         for run in runs.iterdir() if runs.is_dir() else ():
             # Olive writes run.json only after a pass finished: a run folder without it is incomplete.
-            if run.is_dir() and not (run / "run.json").is_file():
+            # A failed pass is cached as model.json == {} and never retried: drop it so a full disk or
+            # an interrupted build is retried on the next sweep.
+            if run.is_dir() and (not (run / "run.json").is_file() or _read_json_or_empty(run / "model.json") == {}):
                 shutil.rmtree(run, ignore_errors=True)
 
 
@@ -495,8 +513,7 @@ def _build_entry(model_dir: Path, spec: VariantSpec, key: str, dirs: _CacheDirs,
             raise SlmopsError(f"Olive failed: {type(exc).__name__}: {exc}", f"see the log {log_path}") from exc
         build_s = time.perf_counter() - start
         if not (built / modeldir.GENAI_CONFIG).is_file():
-            raise SlmopsError(f"Olive wrote no model for this variant (log: {log_path})",
-                              "check the execution provider and precision are a valid pair")
+            raise _olive_failure(log_path)
         _clean_genai_dir(built)
         stage("validate")
         validation = validate_genai_dir(built, spec)
@@ -644,7 +661,6 @@ def convert_variant(model_dir: str | Path, spec: VariantSpec, output_dir: str | 
             _publish(dirs.entry(key), final, olive_cfg)
     except Exception as exc:
         _remove_if_empty(created)
-        logger.warning("%s failed: %s", spec.name, _error_text(exc))
         return _failed(spec, _error_text(exc), start)
     except BaseException:
         _remove_if_empty(created)
@@ -733,7 +749,7 @@ def _log_result(result: ConversionResult, console) -> None:
         line = f"{name}: FAILED: {result.error}"
         logger.warning(line)
     if console is not None:
-        console.print(line, markup=False, highlight=False)
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def results_table(results: list[ConversionResult]):

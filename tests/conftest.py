@@ -23,6 +23,14 @@ def models_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("models")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _conversion_cache(models_root) -> None:
+    """Conversions in tests and their subprocesses share one cache in the session folder, never ~/.cache."""
+    from mlflow_slmops.testing import TEST_CACHE_DIRNAME
+
+    os.environ.setdefault("SLMOPS_CACHE_DIR", str(models_root / TEST_CACHE_DIRNAME))
+
+
 @pytest.fixture(scope="session")
 def hf_qwen(models_root) -> Path:
     """A 2-layer Qwen2 (ChatML) HF folder with random weights and a trained BPE tokenizer."""

@@ -1,0 +1,358 @@
+"""Conversion: every preset builds, loads and generates; cache, reproduction with `olive run`, bad input,
+full disk and Ctrl-C leave nothing partial behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from mlflow_slmops import convert, modeldir
+from mlflow_slmops.testing import TEST_CACHE_DIRNAME
+from mlflow_slmops.variants import PRESETS, VariantSpec
+from tests.helpers import assert_one_line_error, bin_path, run_cli, slmops, tree_snapshot
+
+CPU_PRESETS = [name for name, spec in PRESETS.items() if not spec.build_only]
+OLIVE_CLUTTER = ("footprint.json", "output_footprint.json", "run_history.txt", "model_config.json")
+# Bigger than any small file a conversion writes, smaller than the tiny model's fp32 weights (~690 KB).
+FILE_SIZE_QUOTA = 256 * 1024
+SIGINT_WAIT_S = 300
+
+
+def _generate(folder: Path, n_new: int = 4) -> list[int]:
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    tokenizer = og.Tokenizer(model)
+    prompt = tokenizer.encode("The quick brown fox")
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + n_new, min_length=len(prompt) + n_new)
+    gen = og.Generator(model, params)
+    gen.append_tokens(prompt)
+    while not gen.is_done():
+        gen.generate_next_token()
+    return list(gen.get_sequence(0))[len(prompt):]
+
+
+def _graph_outputs(folder: Path) -> list[str]:
+    import onnx
+
+    return [o.name for o in onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.output]
+
+
+def _incomplete_olive_runs(cache: Path) -> list[Path]:
+    runs = cache / "olive" / "default_workflow" / "runs"
+    return [r for r in runs.iterdir() if not (r / "run.json").is_file()] if runs.is_dir() else []
+
+
+def _assert_cache_holds_only_complete_entries(cache: Path) -> None:
+    if (cache / "tmp").is_dir():
+        assert list((cache / "tmp").iterdir()) == []
+    assert _incomplete_olive_runs(cache) == []
+    for entry in (cache / "variants").iterdir() if (cache / "variants").is_dir() else ():
+        manifest = json.loads((entry / convert.ENTRY_MANIFEST).read_text())
+        modeldir.check_genai_dir(entry)
+        assert modeldir.weights_hash(entry) == manifest["weights_sha256"]
+
+
+@pytest.fixture(scope="session")
+def shared_cache(models_root) -> Path:
+    """The conversion cache the conftest genai fixtures use too: the fp32 export is made once."""
+    return models_root / TEST_CACHE_DIRNAME
+
+
+@pytest.fixture(scope="session")
+def qwen_variants(hf_qwen, models_root, shared_cache) -> dict[str, convert.ConversionResult]:
+    """Every preset of the tiny Qwen2, converted once in one sweep."""
+    results = convert.convert_variants(hf_qwen, list(PRESETS.values()), models_root / "qwen-variants",
+                                       cache_dir=shared_cache, progress=False)
+    return {r.spec.name: r for r in results}
+
+
+@pytest.mark.parametrize("name", CPU_PRESETS)
+def test_every_cpu_preset_builds_loads_and_generates(qwen_variants, name):
+    result = qwen_variants[name]
+    assert result.status == "ok", result.error
+    folder = Path(result.output_dir)
+    assert folder.name == name and not result.build_only
+    assert len(_generate(folder)) == 4
+    assert result.size_bytes == modeldir.dir_size_bytes(folder)
+    assert result.weights_sha256 == modeldir.weights_hash(folder)
+    assert Path(result.olive_config_path) == folder / "olive_config.json"
+
+
+def test_quantized_presets_are_smaller_than_fp32(qwen_variants):
+    fp32 = modeldir.onnx_weight_bytes(qwen_variants["fp32"].output_dir)
+    for name in ("int8", "int4", "int4-b128-asym", "int4-kquant", "int4-hqq"):
+        assert modeldir.onnx_weight_bytes(qwen_variants[name].output_dir) < 0.6 * fp32, name
+    assert modeldir.onnx_weight_bytes(qwen_variants["int4"].output_dir) < \
+        modeldir.onnx_weight_bytes(qwen_variants["int8"].output_dir)
+
+
+def test_hqq_variant_holds_no_leftover_fp32_weights(qwen_variants):
+    import onnx
+
+    model = onnx.load(str(Path(qwen_variants["int4-hqq"].output_dir) / "model.onnx"), load_external_data=False)
+    used = {i for node in model.graph.node for i in node.input}
+    assert [init.name for init in model.graph.initializer if init.name not in used] == []
+    assert any(node.op_type == "MatMulNBits" for node in model.graph.node)
+
+
+def test_fp16_cuda_preset_builds_and_is_marked_build_only(qwen_variants):
+    import onnx
+
+    result = qwen_variants["fp16-cuda"]
+    assert result.status == "ok", result.error
+    assert result.build_only is True
+    folder = Path(result.output_dir)
+    info = modeldir.check_genai_dir(folder)
+    assert info.execution_provider == "cuda"
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    matmul_weights = [i for i in model.graph.initializer if i.name.endswith("MatMul.weight")]
+    assert matmul_weights and all(i.data_type == onnx.TensorProto.FLOAT16 for i in matmul_weights)
+    assert _graph_outputs(folder)[0] == "logits"
+
+
+@pytest.mark.parametrize("name,renamed", [("int8", "logits_Q8"), ("int4", "logits_Q4"), ("int4-hqq", "logits_Q4")])
+def test_rtn_and_hqq_variants_keep_the_logits_output_genai_needs(qwen_variants, name, renamed):
+    folder = Path(qwen_variants[name].output_dir)
+    assert "logits" in _graph_outputs(folder) and renamed not in _graph_outputs(folder)
+    passes = json.loads((folder / "olive_config.json").read_text())["passes"]
+    surgery = passes["keep_logits_name"]["surgeries"][0]
+    assert surgery == {"surgeon": "RenameOutputs", "old_names": [renamed], "new_names": ["logits"]}
+
+
+def test_without_the_rename_genai_refuses_the_quantized_model(hf_qwen, shared_cache, tmp_path):
+    """The reason for the rename pass: the same workflow without it gives a model genai cannot load."""
+    out = tmp_path / "no-rename"
+    config = convert.olive_config(hf_qwen, PRESETS["int4"], str(out), str(shared_cache / "olive"))
+    del config["passes"]["keep_logits_name"]
+    convert._run_olive(config, tmp_path / "olive.log")
+    assert "logits_Q4" in _graph_outputs(out)
+    with pytest.raises(Exception, match="Model output was not found: logits"):
+        _generate(out)
+
+
+def test_variant_folders_are_clean_genai_folders(qwen_variants):
+    for result in qwen_variants.values():
+        folder = Path(result.output_dir)
+        names = {p.name for p in folder.iterdir()}
+        assert {"genai_config.json", "model.onnx", "model.onnx.data", "tokenizer.json", "chat_template.jinja",
+                "olive_config.json"} <= names
+        assert not names & set(OLIVE_CLUTTER), names
+        assert all(p.stat().st_mode & 0o044 == 0o044 for p in folder.iterdir()), "files must be readable by all"
+
+
+def test_cached_rerun_converts_nothing_and_links_the_cached_files(qwen_variants, hf_qwen, shared_cache,
+                                                                  tmp_path, monkeypatch):
+    def no_olive(*_args, **_kwargs):
+        raise AssertionError("Olive ran for a cached variant")
+
+    monkeypatch.setattr(convert, "_run_olive", no_olive)
+    again = convert.convert_variants(hf_qwen, list(PRESETS.values()), tmp_path / "again", cache_dir=shared_cache,
+                                     progress=False)
+    assert [(r.spec.name, r.status, r.cached) for r in again] == [(n, "ok", True) for n in PRESETS]
+    for result in again:
+        first = Path(qwen_variants[result.spec.name].output_dir)
+        assert result.weights_sha256 == qwen_variants[result.spec.name].weights_sha256
+        assert os.path.samefile(first / "model.onnx.data", Path(result.output_dir) / "model.onnx.data")
+
+
+def test_rerun_into_the_same_output_keeps_the_existing_folders(qwen_variants, hf_qwen, shared_cache):
+    root = Path(qwen_variants["fp32"].output_dir).parent
+    before = tree_snapshot(root)
+    again = convert.convert_variants(hf_qwen, [PRESETS["fp32"], PRESETS["int4"]], root, cache_dir=shared_cache,
+                                     progress=False)
+    assert [r.status for r in again] == ["ok", "ok"] and all(r.cached for r in again)
+    assert tree_snapshot(root) == before
+
+
+def test_existing_different_folder_is_never_overwritten(qwen_variants, hf_qwen, shared_cache, tmp_path):
+    mine = tmp_path / "out" / "int4"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("my own work")
+    result = convert.convert_variant(hf_qwen, PRESETS["int4"], mine, cache_dir=shared_cache)
+    assert result.status == "failed" and "already exists" in result.error
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
+def test_changed_input_model_changes_the_cache_key(hf_qwen, tmp_path):
+    copy = Path(shutil.copytree(hf_qwen, tmp_path / "copy"))
+    cache = tmp_path / "cache"
+    same = convert.input_model_hash(copy, cache)
+    assert same == convert.input_model_hash(hf_qwen, cache)
+    cfg = json.loads((copy / "generation_config.json").read_text())
+    (copy / "generation_config.json").write_text(json.dumps({**cfg, "temperature": 0.3}))
+    changed = convert.input_model_hash(copy, cache)
+    assert changed != same
+    assert convert.entry_key(same, PRESETS["int4"]) != convert.entry_key(changed, PRESETS["int4"])
+
+
+def test_failing_variant_is_recorded_and_the_sweep_goes_on(qwen_variants, hf_qwen, shared_cache, tmp_path):
+    # A real variant-level failure: without lm_head the model has no logits output, so validation fails.
+    broken = VariantSpec("no-lm-head", "fp32", builder_options={"exclude_lm_head": True})
+    results = convert.convert_variants(hf_qwen, [PRESETS["fp32"], broken, PRESETS["int4"]], tmp_path / "out",
+                                       cache_dir=shared_cache, progress=False)
+    assert [r.status for r in results] == ["ok", "failed", "ok"]
+    assert "no 'logits' output" in results[1].error
+    assert not (tmp_path / "out" / "no-lm-head").exists()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["fp32", "int4"]
+    _assert_cache_holds_only_complete_entries(shared_cache)
+
+
+@pytest.mark.parametrize("name", ["int4", "int4-hqq"])
+def test_olive_config_reproduces_the_same_weights_with_olive_run(qwen_variants, tmp_path, name):
+    result = qwen_variants[name]
+    proc = run_cli([bin_path("olive"), "run", "--config", result.olive_config_path], cwd=str(tmp_path),
+                   env={"OLIVE_DISABLE_TELEMETRY": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rebuilt = tmp_path / "olive-output" / name
+    assert modeldir.weights_hash(rebuilt) == result.weights_sha256
+
+
+def test_cli_converts_documented_yaml_variants_and_names_each_folder(qwen_variants, hf_qwen, shared_cache,
+                                                                     tmp_path):
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "variants.md").read_text()
+    yaml_example = doc.split("```yaml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "my-variants.yaml").write_text(yaml_example)
+    out = tmp_path / "variants"
+    proc = slmops("convert", "--model", str(hf_qwen), "--variants-file", str(tmp_path / "my-variants.yaml"),
+                  "--variants", "int4,int4-b64", "--output", str(out), "--cache-dir", str(shared_cache))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("int4", "int4-b64"):
+        assert f"{name}: {out / name}" in proc.stderr
+        assert name in proc.stdout
+        assert len(_generate(out / name)) == 4
+    assert json.loads((out / "int4-b64" / "olive_config.json").read_text())["passes"]["quantize"]["block_size"] == 64
+
+
+# ---------------------------------------------------------------- bad input, through the real CLI
+
+def _bad_model(tmp_path: Path, hf_qwen: Path, config_edit) -> Path:
+    model = Path(shutil.copytree(hf_qwen, tmp_path / "model"))
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(config_edit(cfg)))
+    return model
+
+
+def _convert_cli(model: Path, out: Path, *extra: str):
+    return slmops("convert", "--model", str(model), "--variants", "int4", "--output", str(out), *extra)
+
+
+def test_cli_missing_model_folder(tmp_path):
+    result = _convert_cli(tmp_path / "nope", tmp_path / "out")
+    assert_one_line_error(result, f"model folder {tmp_path / 'nope'} does not exist")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_folder_without_config_json(tmp_path, hf_qwen):
+    model = Path(shutil.copytree(hf_qwen, tmp_path / "model"))
+    (model / "config.json").unlink()
+    result = _convert_cli(model, tmp_path / "out")
+    assert_one_line_error(result, "has no config.json", "save_pretrained")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_unsupported_architecture_lists_the_supported_ones(tmp_path, hf_qwen):
+    model = _bad_model(tmp_path, hf_qwen, lambda c: {**c, "architectures": ["BertForMaskedLM"], "model_type": "bert"})
+    result = _convert_cli(model, tmp_path / "out")
+    assert_one_line_error(result, "architecture 'BertForMaskedLM'", "supported:", "Qwen2ForCausalLM",
+                          "LlamaForCausalLM", "Phi3ForCausalLM")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_remote_code_unless_allowed(tmp_path, hf_qwen):
+    model = _bad_model(tmp_path, hf_qwen, lambda c: {**c, "auto_map": {
+        "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}})
+    result = _convert_cli(model, tmp_path / "out")
+    assert_one_line_error(result, "trust_remote_code", "modeling_custom", "--trust-remote-code")
+    assert not (tmp_path / "out").exists()
+    # With the flag the same folder passes the check (the conversion itself is not attempted here).
+    assert convert.check_hf_model_dir(model, trust_remote_code=True)["auto_map"]
+
+
+def _with_file_size_quota():
+    # SIGXFSZ would kill the process; ignored, an oversized write fails with EFBIG like a full quota.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_SIZE_QUOTA, FILE_SIZE_QUOTA))
+
+
+def test_cli_write_failure_mid_conversion_leaves_nothing_partial(tmp_path, hf_qwen):
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    proc = subprocess.run([bin_path("slmops"), "convert", "--model", str(hf_qwen), "--variants", "fp32,int4",
+                           "--output", str(out), "--cache-dir", str(cache), "--quiet"],
+                          capture_output=True, text=True, preexec_fn=_with_file_size_quota, timeout=900)
+    assert_one_line_error(proc, "every variant failed")
+    assert "fp32: FAILED: File too large" in proc.stderr and "int4: FAILED: File too large" in proc.stderr
+    assert not out.exists()
+    assert list((cache / "variants").iterdir()) == []
+    _assert_cache_holds_only_complete_entries(cache)
+
+
+@pytest.fixture()
+def tiny_disk(tmp_path):
+    """A 640 KB tmpfs: too small for the tiny model's fp32 variant, big enough for its int4 one."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=640k", "tmpfs", str(disk)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root; the file-size-quota test covers write failures")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_disk_full_while_publishing_removes_the_partial_folder(qwen_variants, hf_qwen, shared_cache, tiny_disk):
+    (tiny_disk / "mine.txt").write_text("already here")
+    out = tiny_disk / "out"
+    results = convert.convert_variants(hf_qwen, [PRESETS["fp32"], PRESETS["int4"]], out, cache_dir=shared_cache,
+                                       progress=False)
+    assert results[0].status == "failed" and "No space left on device" in results[0].error
+    assert results[1].status == "ok", results[1].error
+    assert sorted(p.name for p in out.iterdir()) == ["int4"]  # no fp32, no hidden partial folder
+    assert len(_generate(out / "int4")) == 4
+    assert (tiny_disk / "mine.txt").read_text() == "already here"
+
+
+def test_ctrl_c_mid_conversion_leaves_no_partial_folder_and_only_complete_cache_entries(tmp_path, hf_qwen):
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    proc = subprocess.Popen([bin_path("slmops"), "convert", "--model", str(hf_qwen), "--variants", "fp32,int8,int4",
+                             "--output", str(out), "--cache-dir", str(cache), "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    runs = cache / "olive" / "default_workflow" / "runs"
+    deadline = time.monotonic() + SIGINT_WAIT_S
+    # Wait until Olive is writing a model: a build in flight in the cache's tmp folder.
+    while not (runs.is_dir() and any(runs.iterdir()) and any((cache / "tmp").iterdir())):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "conversion never started"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=SIGINT_WAIT_S)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Interrupted" in stderr and "Traceback" not in stderr
+    leftovers = [p.name for p in out.iterdir()] if out.exists() else []
+    assert not [n for n in leftovers if n.startswith(".")], leftovers
+    for name in leftovers:  # any variant that finished before Ctrl-C is whole
+        modeldir.check_genai_dir(out / name)
+    _assert_cache_holds_only_complete_entries(cache)
+
+
+def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(convert.CACHE_ENV, str(tmp_path / "c"))
+    assert convert.default_cache_dir() == tmp_path / "c"
+    monkeypatch.delenv(convert.CACHE_ENV)
+    assert convert.default_cache_dir() == Path("~/.cache/mlflow-slmops").expanduser()
+
+
+def test_results_serialize_to_plain_json(qwen_variants):
+    data = json.loads(json.dumps(qwen_variants["int4"].to_dict()))
+    assert data["spec"]["name"] == "int4" and data["status"] == "ok"
+    assert data["weights_sha256"] == qwen_variants["int4"].weights_sha256
