@@ -25,6 +25,9 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 PG_GLOB = "/usr/lib/postgresql/*/bin"
 PG_USER = "postgres"
 PG_START_TIMEOUT_S = 60
+# MLflow 3.17's server starts six job-runner processes (GenAI judges, scheduled tasks) of ~240 MB
+# each; nothing here uses them, and on 2 shared cores they slow every test down.
+SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
 def require_tool(available: bool, what: str) -> None:
@@ -133,6 +136,7 @@ def start_mlflow_server(backend_uri: str, root: Path) -> MlflowServer:
              "--backend-store-uri", backend_uri, "--artifacts-destination", str(artifacts),
              "--serve-artifacts", "--workers", "1"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=root,
+            env={**os.environ, **SERVER_ENV},
         )
     url = f"http://127.0.0.1:{port}"
     try:
