@@ -122,3 +122,13 @@ def test_cli_no_log_leaves_the_store_empty(genai_qwen_int4, tracking, tmp_path):
     assert result.returncode == 0, result.stderr
     exp = mlflow.MlflowClient().get_experiment_by_name("slmops")
     assert exp is None or not mlflow.MlflowClient().search_runs([exp.experiment_id])
+
+
+def test_cli_reports_an_unreachable_tracking_server_before_measuring(genai_qwen_int4):
+    from tests.helpers import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    result = slmops("benchmark", "--model-dir", str(genai_qwen_int4), "--quiet", *FAST_CLI,
+                    env={"MLFLOW_TRACKING_URI": url})
+    assert_one_line_error(result, url, "cannot be reached")
+    assert "benchmark" not in result.stdout  # no metrics table: nothing was measured
