@@ -61,8 +61,9 @@ def log_model_cmd(model_dir: str, name: str, registered_model_name: str | None) 
     """Log a genai model folder with the onnx_genai flavor in a new MLflow run."""
     import mlflow
 
-    from mlflow_slmops import flavor, tracking
+    from mlflow_slmops import flavor, modeldir, tracking
 
+    modeldir.check_genai_dir(model_dir)  # a bad folder must not leave a failed run behind
     tracking.configure()
     with mlflow.start_run() as run:
         info = flavor.log_model(model_dir, name=name, registered_model_name=registered_model_name)
@@ -229,6 +230,9 @@ def convert_cmd(model, variants, output, variants_file, cache_dir, trust_remote_
                                        trust_remote_code=trust_remote_code, progress=not quiet)
     Console(width=200).print(convert.results_table(results))
     if not any(r.status == convert.STATUS_OK for r in results):
+        errors = {r.error for r in results}
+        if len(errors) == 1:  # one cause (a full disk, a read-only output): say it, with its fix
+            raise SlmopsError(f"every variant failed ({', '.join(r.spec.name for r in results)}): {errors.pop()}")
         raise SlmopsError(f"every variant failed ({', '.join(r.spec.name for r in results)})",
                           "read each variant's error in the table above")
 

@@ -203,6 +203,32 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR).expanduser()
 
 
+CACHE_DIR_HINT = "pass a writable folder with --cache-dir (or set SLMOPS_CACHE_DIR)"
+
+
+def check_cache_dir(cache_dir: str | Path | None) -> Path:
+    """The conversion cache folder, created if missing and proven writable; SlmopsError naming it otherwise.
+
+    Args:
+        cache_dir: the folder; None for ``$SLMOPS_CACHE_DIR`` or ``~/.cache/mlflow-slmops``.
+
+    Example:
+        >>> check_cache_dir("/tmp/slmops-cache")  # doctest: +SKIP
+        PosixPath('/tmp/slmops-cache')
+    """
+    root = Path(cache_dir).expanduser().absolute() if cache_dir else default_cache_dir()
+    for folder in (root, *root.parents):
+        if folder.exists() and not folder.is_dir():
+            raise SlmopsError(f"conversion cache path {folder} is a file, expected a folder", CACHE_DIR_HINT)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):  # a read-only folder or mount fails here, not mid-sweep
+            pass
+    except OSError as exc:
+        raise SlmopsError(f"conversion cache {root} is not writable ({exc.strerror or exc})", CACHE_DIR_HINT)
+    return root
+
+
 def tool_versions() -> dict[str, str]:
     found = {}
     for pkg in TOOL_PACKAGES:
@@ -711,6 +737,7 @@ def convert_variants(model_dir: str | Path, specs: list[VariantSpec], output_dir
     from mlflow_slmops.progress import make_progress
 
     check_hf_model_dir(model_dir, trust_remote_code)
+    check_cache_dir(cache_dir)
     root = Path(output_dir).absolute()
     _check_output_path(root / "x")
     created = _make_parents(root)

@@ -305,14 +305,20 @@ def load_model(model_uri: str, dst_path: str | None = None) -> "GenaiModel":
 
 
 def _load_pyfunc(path: str) -> "_GenaiPyfuncWrapper":
-    """Called by ``mlflow.pyfunc.load_model`` with the ``data`` folder (the genai folder)."""
+    """Called by ``mlflow.pyfunc.load_model`` with the ``data`` folder (the genai folder).
+
+    MLmodel comes with the artifacts, so its entries are untrusted: the model is always loaded from the
+    flavor's ``model_dir`` inside the MLflow model folder, and a ``data`` entry that leads outside it
+    (absolute, ``..`` or a symlink) is refused.
+    """
     path = Path(path)
-    mlmodel_dir = path.parent if (path.parent / MLMODEL_FILE_NAME).is_file() else path
-    conf = {}
-    if (mlmodel_dir / MLMODEL_FILE_NAME).is_file():
-        conf = Model.load(str(mlmodel_dir / MLMODEL_FILE_NAME)).flavors.get(FLAVOR_NAME, {})
-    genai_dir = path if (path / modeldir.GENAI_CONFIG).is_file() else local_model_dir(mlmodel_dir)
-    return _GenaiPyfuncWrapper(GenaiModel(genai_dir, conf.get("inference_config")))
+    mlmodel_dir = path if (path / MLMODEL_FILE_NAME).is_file() else path.parent
+    if not (mlmodel_dir / MLMODEL_FILE_NAME).is_file():
+        raise SlmopsError(f"pyfunc data path {path} is not inside an MLflow model folder",
+                          "set the pyfunc data entry of MLmodel to the model's own folder (model)")
+    modeldir.ensure_inside(mlmodel_dir, path, what="pyfunc data")
+    conf = Model.load(str(mlmodel_dir / MLMODEL_FILE_NAME)).flavors.get(FLAVOR_NAME, {})
+    return _GenaiPyfuncWrapper(GenaiModel(local_model_dir(mlmodel_dir), conf.get("inference_config")))
 
 
 @dataclass

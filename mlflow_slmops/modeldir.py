@@ -99,6 +99,7 @@ def _external_data_refs(onnx_path: Path) -> dict[str, int]:
 def check_onnx_files(model_dir: Path, filename: str) -> list[str]:
     """Check the decoder ONNX file and its external data exist and are complete. Return the file names."""
     onnx_path = model_dir / filename
+    ensure_inside(model_dir, onnx_path, what=f"{GENAI_CONFIG} model.decoder.filename")
     if not onnx_path.is_file():
         raise SlmopsError(f"{onnx_path} is missing (named by {GENAI_CONFIG})", "re-export the model folder")
     try:

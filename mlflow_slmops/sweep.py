@@ -13,9 +13,10 @@ import os
 import platform
 import tempfile
 import time
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import psutil
 
@@ -349,12 +350,12 @@ def run_sweep(req: SweepRequest | None = None, *, resume_run_id: str | None = No
     if req is None:
         raise SlmopsError("no sweep to run", "pass --model, or --resume with a sweep run ID")
     specs = _resolve_specs(req)
-    convert.check_hf_model_dir(req.model, trust_remote_code=req.trust_remote_code)
+    _check_inputs(req)
     existing = _existing_children(client, resume_run_id) if resume_run_id else {}
 
     start_kwargs = {"run_id": resume_run_id} if resume_run_id else {
         "run_name": f"sweep-{Path(req.model).name}", "tags": {M.ROLE_TAG: M.ROLE_SWEEP}}
-    with mlflow.start_run(**start_kwargs) as parent:
+    with _parent_run(start_kwargs) as parent:
         parent_id = parent.info.run_id
         mlflow.set_tag(M.ROLE_TAG, M.ROLE_SWEEP)
         if not resume_run_id:
@@ -372,12 +373,44 @@ def run_sweep(req: SweepRequest | None = None, *, resume_run_id: str | None = No
     return SweepResult(parent_id, parent.info.experiment_id, outcomes, table, str(report_dir))
 
 
+def _check_inputs(req: SweepRequest) -> None:
+    """Bad input shared by every variant fails here, before a sweep run exists (no partial output)."""
+    from mlflow_slmops import convert, quality
+
+    convert.check_hf_model_dir(req.model, trust_remote_code=req.trust_remote_code)
+    convert.check_cache_dir(req.cache_dir)
+    if req.text:
+        quality.read_eval_text(req.text)
+    if req.qa:
+        quality.load_qa(req.qa)
+
+
+@contextmanager
+def _parent_run(start_kwargs: dict) -> Iterator[Any]:
+    """The sweep run. When the sweep fails, ending the run must not hide why: the server may be gone."""
+    import mlflow
+
+    run = mlflow.start_run(**start_kwargs)
+    try:
+        yield run
+    except BaseException:
+        with suppress(Exception):
+            mlflow.end_run("FAILED")
+        raise
+    try:
+        mlflow.end_run()  # pops the run first, so a retry terminates it by ID
+    except Exception:
+        with_retry("the end of the sweep run", lambda: mlflow.MlflowClient().set_terminated(run.info.run_id),
+                   f"run `slmops sweep --resume {run.info.run_id}` when the server is back")
+
+
 def _sweep_variants(req, specs, existing, parent_id, progress, echo) -> list[VariantOutcome]:
     from mlflow_slmops import convert
     from mlflow_slmops.progress import sweep_progress
 
     spool = Spool(Path(req.output) / SPOOL_DIRNAME / parent_id)
-    resume_hint = f"run `slmops sweep --resume {parent_id}` when the tracking server is back"
+    resume_hint = (f"run `slmops sweep --resume {parent_id}` when the tracking server is back "
+                   f"(spool: {spool.root})")
     outcomes: list[VariantOutcome] = []
     baseline_dir: str | None = None
     baseline_size: int | None = None
@@ -420,7 +453,8 @@ def _run_one(req, spec, conv, baseline_dir, baseline_size, spool, child_id, resu
         run_id = with_retry(spec.name, lambda: _mark_failed(child_id, spec, conv, error), resume_hint)
         return VariantOutcome(spec.name, "failed", run_id, conv.output_dir, spec.build_only, error)
     run_id = with_retry(spec.name, lambda: _log_variant_run(spec, conv, size_metrics, measured, child_id), resume_hint)
-    spool.drop(spec.name)
+    if conv.status == "ok":  # a failed conversion logs no metrics: keep the measurement for a later resume
+        spool.drop(spec.name)
     status = "ok" if conv.status == "ok" else "failed"
     return VariantOutcome(spec.name, status, run_id, conv.output_dir, spec.build_only, conv.error,
                           {**size_metrics, **(measured or {}).get("metrics", {})},
