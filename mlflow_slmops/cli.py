@@ -216,9 +216,12 @@ def demo_cmd(foundry_cache: str, quiet: bool) -> None:
 @click.option("--cache-dir", default=None, callback=_blank_to_none,
               help="Conversion cache (default $SLMOPS_CACHE_DIR or ~/.cache/mlflow-slmops).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow models that need custom code (off by default).")
+@click.option("--copy", "copy_files", is_flag=True,
+              help="Copy files from the cache instead of hardlinking them (for tools such as onnx.load that "
+                   "refuse hardlinked external data).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @friendly_errors
-def convert_cmd(model, variants, output, variants_file, cache_dir, trust_remote_code, quiet) -> None:
+def convert_cmd(model, variants, output, variants_file, cache_dir, trust_remote_code, copy_files, quiet) -> None:
     """Convert a Hugging Face model into ONNX Runtime GenAI variants with Olive, one folder per variant."""
     from rich.console import Console
 
@@ -227,7 +230,8 @@ def convert_cmd(model, variants, output, variants_file, cache_dir, trust_remote_
 
     specs = resolve_variants(variants, variants_file)
     results = convert.convert_variants(model, specs, output, cache_dir=cache_dir,
-                                       trust_remote_code=trust_remote_code, progress=not quiet)
+                                       trust_remote_code=trust_remote_code, progress=not quiet,
+                                       link=not copy_files)
     Console(width=200).print(convert.results_table(results))
     if not any(r.status == convert.STATUS_OK for r in results):
         errors = {r.error for r in results}

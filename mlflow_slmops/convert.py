@@ -343,6 +343,8 @@ def olive_passes(spec: VariantSpec) -> dict:
         passes["keep_logits_name"] = {
             "type": "GraphSurgeries",
             "surgeries": [{"surgeon": "RenameOutputs", "old_names": [f"{LOGITS}_Q{bits}"], "new_names": [LOGITS]}],
+            # Renaming adds no initializers; skipping the dedup saves hashing every weight again.
+            "remove_duplicate_initializers": False,
             **external,
         }
     if spec.algo == "hqq":
@@ -421,8 +423,44 @@ def _run_olive(config: dict, log_path: Path) -> None:
     os.environ.setdefault("OLIVE_DISABLE_TELEMETRY", "1")
     from olive.workflows import run as olive_run
 
-    with _captured_output(log_path):
+    with _olive_speedups(), _captured_output(log_path):
         olive_run(config)
+
+
+# Olive's own answers for the input model's identifier, keyed by the files' path, size, mtime and inode.
+_OLIVE_ID_MEMO: dict = {}
+
+
+@contextlib.contextmanager
+def _olive_speedups() -> Iterator[None]:
+    """Olive 0.13 hashes every file of the input model at the start of each workflow (3 s for a 1 GB
+    checkpoint, once per variant). Remember its own answer while no file's size, mtime or inode changed:
+    the identifier, and so Olive's cache keys, stay exactly what Olive computes.
+
+    (Olive's copy of the final model into output_dir cannot be a hardlink: onnx_ir refuses external data
+    with more than one link, so the next pass reading Olive's cache would fail.)
+    """
+    from olive.model.config.model_config import ModelConfig
+
+    original_id = ModelConfig.get_model_identifier
+
+    def memoized_id(self):
+        path = self.config.get("model_path")
+        others = [k for k in ("adapter_path", "model_script", "script_dir") if self.config.get(k)]
+        if self.type.lower() != "hfmodel" or not path or others or not Path(str(path)).is_dir():
+            return original_id(self)
+        files = sorted(p for p in Path(str(path)).rglob("*") if p.is_file())
+        stamp = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns, p.stat().st_ino) for p in files)
+        key = (stamp, json.dumps(self.config.get("model_attributes"), sort_keys=True, default=str))
+        if key not in _OLIVE_ID_MEMO:
+            _OLIVE_ID_MEMO[key] = original_id(self)
+        return _OLIVE_ID_MEMO[key]
+
+    ModelConfig.get_model_identifier = memoized_id
+    try:
+        yield
+    finally:
+        ModelConfig.get_model_identifier = original_id
 
 
 def _olive_failure(log_path: Path) -> Exception:
@@ -563,6 +601,8 @@ def _entry_files(entry: Path) -> list[Path]:
 def _link_or_copy(src: Path, dst: Path) -> None:
     """Hardlink from the cache (no extra disk, no copy time); copy across file systems."""
     dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.is_symlink() or dst.exists():
+        dst.unlink()  # never write through an existing (possibly linked) file
     try:
         os.link(src, dst)
     except OSError as exc:
@@ -586,13 +626,16 @@ def _same_model(entry: Path, existing: Path, weights_sha256: str) -> bool:
         return False
 
 
-def _publish(entry: Path, final: Path, olive_cfg: dict) -> None:
+def _publish(entry: Path, final: Path, olive_cfg: dict, link: bool) -> None:
     """Build the output folder beside its final place, then rename it in: all of it or nothing."""
     tmp = final.parent / f".{final.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir()
         for src in _entry_files(entry):
-            _link_or_copy(src, tmp / src.relative_to(entry))
+            if link:
+                _link_or_copy(src, tmp / src.relative_to(entry))
+            else:
+                shutil.copy2(src, tmp / src.relative_to(entry))
         (tmp / OLIVE_CONFIG_FILE).write_text(json.dumps(olive_cfg, indent=2) + "\n", encoding="utf-8")
         os.rename(tmp, final)
     except BaseException:
@@ -638,7 +681,7 @@ def _error_text(exc: BaseException) -> str:
 
 def convert_variant(model_dir: str | Path, spec: VariantSpec, output_dir: str | Path, *,
                     cache_dir: str | Path | None, trust_remote_code: bool = False,
-                    on_stage: Callable[[str], None] | None = None) -> ConversionResult:
+                    on_stage: Callable[[str], None] | None = None, link: bool = True) -> ConversionResult:
     """Convert one variant of a Hugging Face model into the genai folder ``output_dir``.
 
     A cached variant is hardlinked from the cache without running Olive. A failure of this variant
@@ -653,6 +696,9 @@ def convert_variant(model_dir: str | Path, spec: VariantSpec, output_dir: str | 
         cache_dir: conversion cache folder; None for ``$SLMOPS_CACHE_DIR`` or ``~/.cache/mlflow-slmops``.
         trust_remote_code: allow models whose config asks to run custom code.
         on_stage: called with the name of each stage as it starts (for a progress bar).
+        link: hardlink the files from the cache (instant, no extra disk). onnx.load and onnx_ir refuse
+            external data with several links, so pass False for real copies if you will read the
+            folder with them (onnxruntime and onnxruntime-genai do not mind).
 
     Raises:
         SlmopsError: only for input every variant shares: the model folder, or an output path that is a file.
@@ -684,7 +730,7 @@ def convert_variant(model_dir: str | Path, spec: VariantSpec, output_dir: str | 
                 raise SlmopsError(f"{final} already exists and holds something else",
                                   "pass another --output folder, or move that folder away")
         else:
-            _publish(dirs.entry(key), final, olive_cfg)
+            _publish(dirs.entry(key), final, olive_cfg, link)
     except Exception as exc:
         _remove_if_empty(created)
         return _failed(spec, _error_text(exc), start)
@@ -714,7 +760,7 @@ def _cached_or_built(model_dir: Path, spec: VariantSpec, key: str, dirs: _CacheD
 
 def convert_variants(model_dir: str | Path, specs: list[VariantSpec], output_dir: str | Path, *,
                      cache_dir: str | Path | None = None, trust_remote_code: bool = False,
-                     progress: bool = True) -> list[ConversionResult]:
+                     progress: bool = True, link: bool = True) -> list[ConversionResult]:
     """Convert every variant into ``output_dir/<variant name>/``; one failure never stops the others.
 
     Args:
@@ -724,6 +770,7 @@ def convert_variants(model_dir: str | Path, specs: list[VariantSpec], output_dir
         cache_dir: conversion cache; None for ``$SLMOPS_CACHE_DIR`` or ``~/.cache/mlflow-slmops``.
         trust_remote_code: allow models whose config asks to run custom code.
         progress: draw rich progress bars on stderr.
+        link: hardlink from the cache (default) or copy; see ``convert_variant``.
 
     Raises:
         SlmopsError: for bad shared input (the model folder, an output path that is a file), before any work.
@@ -748,7 +795,7 @@ def convert_variants(model_dir: str | Path, specs: list[VariantSpec], output_dir
             for spec in specs:
                 task = bars.add_task(f"{spec.name}: queued", total=len(STAGES))
                 result = convert_variant(model_dir, spec, root / spec.name, cache_dir=cache_dir,
-                                         trust_remote_code=trust_remote_code,
+                                         trust_remote_code=trust_remote_code, link=link,
                                          on_stage=_stage_reporter(bars, task, spec.name))
                 bars.update(task, completed=len(STAGES), description=f"{spec.name}: {result.status}")
                 bars.advance(overall)

@@ -165,6 +165,21 @@ def test_cached_rerun_converts_nothing_and_links_the_cached_files(qwen_variants,
         assert os.path.samefile(first / "model.onnx.data", Path(result.output_dir) / "model.onnx.data")
 
 
+def test_copy_mode_gives_folders_onnx_load_accepts(qwen_variants, hf_qwen, shared_cache, tmp_path):
+    import onnx
+
+    linked = Path(qwen_variants["int4"].output_dir)
+    assert (linked / "model.onnx.data").stat().st_nlink > 1
+    with pytest.raises(Exception, match="hard link"):  # onnx's own guard, the reason for link=False
+        onnx.load(str(linked / "model.onnx"))
+    result = convert.convert_variant(hf_qwen, PRESETS["int4"], tmp_path / "int4", cache_dir=shared_cache, link=False)
+    assert result.status == "ok" and result.cached
+    copied = Path(result.output_dir)
+    assert all(p.stat().st_nlink == 1 for p in copied.iterdir())
+    assert onnx.load(str(copied / "model.onnx")).graph.output[0].name == "logits"
+    assert modeldir.weights_hash(copied) == qwen_variants["int4"].weights_sha256
+
+
 def test_rerun_into_the_same_output_keeps_the_existing_folders(qwen_variants, hf_qwen, shared_cache):
     root = Path(qwen_variants["fp32"].output_dir).parent
     before = tree_snapshot(root)
