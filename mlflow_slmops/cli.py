@@ -39,7 +39,9 @@ def friendly_errors(fn):
             click.echo("Interrupted; partial output was removed.", err=True)
             sys.exit(EXIT_INTERRUPTED)
         except OSError as exc:
-            where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+            # A copy names its source first and its destination second: the destination is what failed to write.
+            target = getattr(exc, "filename2", None) or getattr(exc, "filename", None)
+            where = f" ({target})" if target else ""
             click.echo(f"Error: {exc.strerror or exc}{where}; check the path, permissions and free disk space.", err=True)
             sys.exit(EXIT_USER_ERROR)
 

@@ -674,7 +674,8 @@ def _error_text(exc: BaseException) -> str:
     if isinstance(exc, SlmopsError):
         return exc.message
     if isinstance(exc, OSError):
-        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        target = exc.filename2 or exc.filename  # a copy names its source, then the destination that failed
+        where = f" ({target})" if target else ""
         return f"{exc.strerror or exc}{where}; check free disk space and permissions"
     return f"{type(exc).__name__}: {exc}"
 

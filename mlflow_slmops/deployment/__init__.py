@@ -56,7 +56,7 @@ class FoundryLocalDeploymentError(SlmopsError, click.ClickException):
 
 
 def _os_error(exc: OSError) -> FoundryLocalDeploymentError:
-    where = exc.filename or "the Foundry cache"
+    where = exc.filename2 or exc.filename or "the Foundry cache"  # a copy: the destination is what failed
     if exc.errno == errno.ENOSPC:
         hint = "free disk space or deploy to a cache on another disk with -t foundry-local:/path"
     elif exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
