@@ -217,14 +217,21 @@ class FoundryLocalDeploymentClient(BaseDeploymentClient):
     def predict(self, deployment_name=None, inputs=None, endpoint=None) -> PredictionsResponse:
         """Chat through the Foundry Local runtime in this process; returns OpenAI-style chat completions.
 
-        ``inputs``: ``{"messages": [...], "max_tokens": 16, ...}``, a list of messages, a list of conversations,
-        or the DataFrame ``mlflow deployments predict --input-path`` reads from such JSON.
+        Args:
+            deployment_name: the deployment's name.
+            inputs: ``{"messages": [...], "max_tokens": 16, ...}`` (options: max_tokens, temperature, top_p,
+                top_k, seed), a list of messages, a list of conversations, or the DataFrame that
+                ``mlflow deployments predict --input-path`` reads from such JSON.
+
+        Returns:
+            For one conversation, the ``chat.completion`` itself (``response["choices"][0]["message"]``);
+            for several, ``{"predictions": [chat.completion, ...]}``.
         """
         entry = self._entry(fcache.validate_name(deployment_name or ""))
         conversations, options = _chat_inputs(inputs)
         rt = self._runtime_with(entry)
         results = [_completion(entry.model_id, rt.chat(entry.model_id, conv, options)) for conv in conversations]
-        return PredictionsResponse({"predictions": results})
+        return PredictionsResponse(results[0] if len(results) == 1 else {"predictions": results})
 
     @_friendly
     def predict_stream(self, deployment_name=None, inputs=None, endpoint=None) -> Iterator[dict]:
@@ -308,20 +315,27 @@ def _plan(cache: fcache.FoundryCache, name: str, src, settings: fconfig.Deployme
         chat_template=modeldir.read_chat_template(src.genai_dir), provenance=prov,
         inference_model={"Name": model_id, "PromptTemplate": pieces},
     )
-    return _Plan(name, publisher, model_id, cache.model_dir(publisher, model_id), contents, previous)
+    plan = _Plan(name, publisher, model_id, cache.model_dir(publisher, model_id), contents, previous)
+    _check_folder_conflict(plan)  # before anything is written; checked again under the lock
+    return plan
 
 
 def _same_path(a: str | Path | None, b: str | Path | None) -> bool:
     return a is not None and b is not None and os.path.realpath(a) == os.path.realpath(b)
 
 
-def _check_conflicts(cache: fcache.FoundryCache, rt, plan: _Plan) -> None:
-    """Never overwrite a folder or a catalog entry that is not one of ours for this name."""
+def _check_folder_conflict(plan: _Plan) -> None:
+    """Never overwrite a folder that is not one of ours for this name."""
     if plan.final.exists():
         prov = fcache.Provenance.read(plan.final)
         if prov is None or prov.deployment_name != plan.name:
             raise SlmopsError(f"{plan.final} exists and was not deployed by mlflow-slmops as {plan.name}",
                               "pick another --name, or -C publisher=... / -C version=...")
+
+
+def _check_conflicts(cache: fcache.FoundryCache, rt, plan: _Plan) -> None:
+    """Never overwrite a folder or a catalog entry that is not one of ours for this name."""
+    _check_folder_conflict(plan)
     registered = rt.registered_path(plan.model_id)
     ours = [e.path for e in cache.entries(plan.name)] + [plan.final]
     if registered is not None and not any(_same_path(registered, p) for p in ours):

@@ -111,8 +111,9 @@ def _prompt_template(key: str, text: str) -> dict:
 
 KEYS: tuple[KeySpec, ...] = (
     KeySpec("publisher", "name", DEFAULT_PUBLISHER, "Publisher folder inside the cache.", _publisher),
-    KeySpec("version", "integer >= 0", "registry version, else 1",
-            "Version in the Foundry model ID `<name>:<version>`.", _version),
+    KeySpec("version", "integer >= 0", "registry version",
+            "Version in the Foundry model ID `<name>:<version>`; without a registry version: 1, then +1 per "
+            "update with a new model.", _version),
     KeySpec("max_length", "integer > 0", "model's", "genai_config.json search.max_length (prompt + output tokens); "
             "at most the model's context length.", _int_at_least(1)),
     KeySpec("temperature", "float > 0", "model's", "genai_config.json search.temperature.", _positive_float),

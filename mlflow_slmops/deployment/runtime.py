@@ -82,14 +82,20 @@ class FoundryRuntime:
         return self.manager.get_catalog(CatalogType.LOCAL)
 
     def registered(self) -> list[RegisteredModel]:
-        """Every model of the local catalog, with the folder it was registered from."""
+        """Every version of every model of the local catalog, with the folder it was registered from."""
+        # list_models() gives one model per alias; its variants are all the registered versions of that alias.
         try:
-            return [RegisteredModel(m.id, m.get_path()) for m in self._catalog.list_models()]
+            return [RegisteredModel(v.id, v.get_path()) for m in self._catalog.list_models() for v in m.variants]
         except Exception as exc:
             raise _error("list its local catalog", exc)
 
     def registered_path(self, model_id: str) -> str | None:
-        return next((m.path for m in self.registered() if m.model_id == model_id), None)
+        """The folder a model ID is registered from, or None."""
+        try:
+            model = self._catalog.get_model_variant(model_id)
+        except Exception as exc:
+            raise _error(f"look up {model_id}", exc)
+        return model.get_path() if model is not None else None
 
     def register(self, model_id: str, model_dir: Path) -> None:
         """Register (or re-register) a model folder in the local catalog as a chat-completion model."""
