@@ -17,6 +17,8 @@ docs/scaling.md:
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -73,6 +75,8 @@ def submit_jobs(model: str, variants: list[str], output: str, experiment: str, *
     import mlflow
 
     fanout_id = fanout_id or time.strftime("fanout-%Y%m%d-%H%M%S")
+    if backend == "local":
+        _put_interpreter_on_path()
     client = mlflow.MlflowClient()
     jobs = []
     for variant in variants:
@@ -88,6 +92,13 @@ def submit_jobs(model: str, variants: list[str], output: str, experiment: str, *
         client.set_tag(submitted.run_id, FANOUT_TAG, fanout_id)
         jobs.append(Job(variant, submitted))
     return fanout_id, jobs
+
+
+def _put_interpreter_on_path() -> None:
+    """Asynchronous local runs start an `mlflow run` subprocess found on PATH: use this environment's."""
+    bin_dir = str(Path(sys.executable).parent)
+    if shutil.which("mlflow") != str(Path(bin_dir) / "mlflow"):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
 
 
 def wait_for(jobs: list[Job], experiment: str) -> list[JobOutcome]:
