@@ -419,12 +419,38 @@ def _captured_output(log_path: Path) -> Iterator[None]:
 
 
 def _run_olive(config: dict, log_path: Path) -> None:
-    # No network here, and a telemetry call must never slow or break a conversion.
-    os.environ.setdefault("OLIVE_DISABLE_TELEMETRY", "1")
+    _quiet_olive_telemetry()
     from olive.workflows import run as olive_run
 
     with _olive_speedups(), _captured_output(log_path):
         olive_run(config)
+
+
+def _quiet_olive_telemetry() -> None:
+    """Keep Olive's telemetry off unless the user turned it on (OLIVE_DISABLE_TELEMETRY=0).
+
+    Olive 0.13 sends a heartbeat before it reads OLIVE_DISABLE_TELEMETRY; offline, the exporter then
+    retries and the interpreter waits ~15 s at exit to flush it. Olive skips the heartbeat in CI, so its
+    telemetry singleton is created once with CI set, and the environment restored.
+    """
+    if os.environ.get("OLIVE_DISABLE_TELEMETRY", "1") != "1":
+        return
+    os.environ["OLIVE_DISABLE_TELEMETRY"] = "1"
+    try:
+        from olive.telemetry.telemetry import Telemetry
+    except ImportError:  # another Olive layout: the env var alone must do
+        return
+    if Telemetry._instance is not None:
+        return
+    saved = os.environ.get("CI")
+    os.environ["CI"] = "1"
+    try:
+        Telemetry()
+    finally:
+        if saved is None:
+            os.environ.pop("CI", None)
+        else:
+            os.environ["CI"] = saved
 
 
 # Olive's own answers for the input model's identifier, keyed by the files' path, size, mtime and inode.

@@ -1,0 +1,237 @@
+"""Conversion speed and memory: the 4-variant sweep against standalone Olive runs and the bare builder.
+
+On the Qwen2.5-0.5B-shaped model (benchmarks/make_qwen05_shape.py, 494M parameters), side by side in one run,
+each measurement a fresh subprocess with its own empty cache, timed wall-clock, peak RSS from wait4 (the
+process and every descendant it waited for, e.g. the validation subprocess):
+
+- **sweep**: `convert_variants(fp32,int8,int4,int4-b128-asym)`, one process, in-process Olive workflows
+  sharing one Olive cache, each variant validated (loads, generates);
+- **sweep, cached**: the same sweep again with the same cache into a new output folder;
+- **single**: our converter on one variant at a time (fresh cache each): the largest one is the memory reference;
+- **olive auto-opt**: `olive auto-opt --use_model_builder --precision fp32|int4`; int4-b128-asym is the same
+  auto-opt workflow (saved with `--save_config_file --dry_run`) with `int4_block_size: 128` and
+  `int4_is_symmetric: false` on its ModelBuilder pass, run with `olive run --config` (auto-opt has no flag
+  for it; the dry run is not timed);
+- **bare builder**: `python -m onnxruntime_genai.models.builder` for the same three.
+
+Goals (issue 3): sweep <= 0.6 x the three standalone Olive runs; cached sweep < 5% of the first sweep;
+sweep peak RSS <= 1.2 x the largest single conversion.
+
+Run:  .venv/bin/python benchmarks/bench_convert.py [--work DIR] [--keep]
+      (writes benchmarks/out/convert.{json,md}; about 15-25 minutes on 2 cores, ~40 GB of scratch disk)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import make_qwen05_shape  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "out"
+BIN = Path(sys.executable).parent
+SWEEP_VARIANTS = ["fp32", "int8", "int4", "int4-b128-asym"]
+STANDALONE = ["fp32", "int4", "int4-b128-asym"]
+TARGET_SPEED_RATIO = 0.6
+TARGET_CACHED_RATIO = 0.05
+TARGET_RSS_RATIO = 1.2
+B128_ASYM = {"int4_block_size": 128, "int4_is_symmetric": False}
+# Olive 0.13 sends a telemetry heartbeat before reading OLIVE_DISABLE_TELEMETRY and, offline, waits ~15 s at
+# exit to flush it, unless it sees a CI variable: set for every run, so no side pays for it.
+ENV = {**os.environ, "OLIVE_DISABLE_TELEMETRY": "1", "CI": "1", "HF_HUB_OFFLINE": "1"}
+
+SWEEP_CODE = """
+import json, sys
+from mlflow_slmops.convert import convert_variants
+from mlflow_slmops.variants import resolve_variants
+model, variants, out, cache, result_path = sys.argv[1:6]
+results = convert_variants(model, resolve_variants(variants), out, cache_dir=cache, progress=False)
+json.dump([r.to_dict() for r in results], open(result_path, "w"), indent=2)
+sys.exit(0 if all(r.status == "ok" for r in results) else 1)
+"""
+
+
+def measure(name: str, cmd: list[str], cwd: Path | None = None) -> dict:
+    """Run cmd to completion; wall seconds and peak RSS (MB) of it and its waited-for descendants."""
+    load_before = os.getloadavg()[0]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    code = os.waitstatus_to_exitcode(status)
+    row = {"name": name, "seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024, "exit_code": code,
+           "load_before": load_before, "load_after": os.getloadavg()[0]}
+    print(f"{name:<28} {seconds:7.1f} s  {row['peak_rss_mb']:7.0f} MB  exit {code}  "
+          f"(load {load_before:.1f} -> {row['load_after']:.1f})", flush=True)
+    if code != 0:
+        print(output[-4000:], flush=True)
+        raise SystemExit(f"{name} failed")
+    return row
+
+
+def our_convert(model: Path, variants: list[str], out: Path, cache: Path, name: str) -> dict:
+    result_path = out.parent / f"{out.name}.results.json"
+    row = measure(name, [sys.executable, "-c", SWEEP_CODE, str(model), ",".join(variants), str(out), str(cache),
+                         str(result_path)])
+    row["variants"] = {r["spec"]["name"]: {"convert_s": r["convert_s"], "size_mb": r["size_bytes"] / 2**20,
+                                           "cached": r["cached"]} for r in json.loads(result_path.read_text())}
+    return row
+
+
+def olive_standalone(model: Path, preset: str, work: Path) -> dict:
+    cwd = work / f"olive-{preset}"
+    cwd.mkdir(parents=True)
+    out = cwd / "out"
+    base = [str(BIN / "olive"), "auto-opt", "-m", str(model), "--use_model_builder", "--device", "cpu",
+            "--provider", "CPUExecutionProvider", "--log_level", "3"]
+    if preset in ("fp32", "int4"):
+        return measure(f"olive auto-opt {preset}", base + ["-o", str(out), "--precision", preset], cwd)
+    # int4-b128-asym: auto-opt's own config, with the block size and asymmetry it has no flag for.
+    dry = cwd / "dry"
+    subprocess.run(base + ["-o", str(dry), "--precision", "int4", "--save_config_file", "--dry_run"],
+                   cwd=cwd, env=ENV, check=True, capture_output=True)
+    config = json.loads((dry / "config.json").read_text())
+    builder = next(p for p in config["passes"].values() if p["type"] == "ModelBuilder")
+    builder.update(B128_ASYM)
+    config["output_dir"] = str(out)
+    (cwd / "config.json").write_text(json.dumps(config, indent=2))
+    return measure(f"olive run (auto-opt) {preset}", [str(BIN / "olive"), "run", "--config", str(cwd / "config.json")],
+                   cwd)
+
+
+def bare_builder(model: Path, preset: str, work: Path) -> dict:
+    out = work / f"builder-{preset}"
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model), "-o", str(out),
+           "-p", "fp32" if preset == "fp32" else "int4", "-e", "cpu", "-c", str(work / f"builder-cache-{preset}")]
+    if preset == "int4-b128-asym":
+        cmd += ["--extra_options", "int4_block_size=128", "int4_is_symmetric=false"]
+    return measure(f"bare builder {preset}", cmd)
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    import psutil
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+            "python": platform.python_version(),
+            **{pkg: version(pkg) for pkg in ("olive-ai", "onnxruntime-genai", "onnxruntime", "torch", "transformers")}}
+
+
+def run(work: Path, model: Path | None = None) -> dict:
+    model = model or make_qwen05_shape.build()
+    rows: dict[str, dict] = {}
+
+    def drop(*paths: Path) -> None:  # keep scratch disk bounded: ~2.4 GB per fp32 copy
+        for p in paths:
+            shutil.rmtree(p, ignore_errors=True)
+
+    # Interleaved, so a change in machine load falls on every kind of run alike.
+    for preset in STANDALONE:
+        rows[f"olive:{preset}"] = olive_standalone(model, preset, work)
+        drop(work / f"olive-{preset}")
+        rows[f"builder:{preset}"] = bare_builder(model, preset, work)
+        drop(work / f"builder-{preset}", work / f"builder-cache-{preset}")
+    for preset in SWEEP_VARIANTS:
+        rows[f"single:{preset}"] = our_convert(model, [preset], work / f"single-{preset}",
+                                               work / f"cache-single-{preset}", f"single {preset}")
+        drop(work / f"single-{preset}", work / f"cache-single-{preset}")
+    rows["sweep"] = our_convert(model, SWEEP_VARIANTS, work / "sweep", work / "cache-sweep", "sweep (4 variants)")
+    rows["sweep_cached"] = our_convert(model, SWEEP_VARIANTS, work / "sweep-again", work / "cache-sweep",
+                                       "sweep, cached")
+    return summarize(rows)
+
+
+def summarize(rows: dict[str, dict]) -> dict:
+    olive_sum = sum(rows[f"olive:{p}"]["seconds"] for p in STANDALONE)
+    builder_sum = sum(rows[f"builder:{p}"]["seconds"] for p in STANDALONE)
+    largest_single = max(rows[f"single:{p}"]["peak_rss_mb"] for p in SWEEP_VARIANTS)
+    sweep, cached = rows["sweep"], rows["sweep_cached"]
+    ratios = {
+        "sweep_vs_olive_sum": sweep["seconds"] / olive_sum,
+        "sweep_vs_builder_sum": sweep["seconds"] / builder_sum,
+        "cached_vs_sweep": cached["seconds"] / sweep["seconds"],
+        "sweep_rss_vs_largest_single": sweep["peak_rss_mb"] / largest_single,
+    }
+    goals = {
+        "speed": ratios["sweep_vs_olive_sum"] <= TARGET_SPEED_RATIO,
+        "cached": ratios["cached_vs_sweep"] < TARGET_CACHED_RATIO,
+        "memory": ratios["sweep_rss_vs_largest_single"] <= TARGET_RSS_RATIO,
+    }
+    return {"machine": machine(), "rows": rows, "olive_sum_s": olive_sum, "builder_sum_s": builder_sum,
+            "largest_single_rss_mb": largest_single, "ratios": ratios, "goals_met": goals}
+
+
+def markdown(res: dict) -> str:
+    m, r, rows = res["machine"], res["ratios"], res["rows"]
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gb']} GB RAM; olive-ai {m['olive-ai']}, "
+        f"onnxruntime-genai {m['onnxruntime-genai']}, onnxruntime {m['onnxruntime']}, torch {m['torch']}, "
+        f"transformers {m['transformers']}. Model: Qwen2.5-0.5B shape, random bf16 weights, 494M parameters.",
+        "",
+        "| Run | Wall s | Peak RSS MB | Load avg before → after |",
+        "|---|---:|---:|---|",
+    ]
+    for row in rows.values():
+        lines.append(f"| {row['name']} | {row['seconds']:.1f} | {row['peak_rss_mb']:.0f} | "
+                     f"{row['load_before']:.1f} → {row['load_after']:.1f} |")
+    per_variant = ", ".join(f"{k} {v['convert_s']:.1f} s ({v['size_mb']:.0f} MB)"
+                            for k, v in rows["sweep"]["variants"].items())
+    lines += [
+        "",
+        f"Sweep, per variant (including validation): {per_variant}.",
+        "",
+        "| Ratio | Measured | Goal | Met |",
+        "|---|---:|---:|---|",
+        f"| sweep / (olive fp32 + int4 + int4-b128-asym) = {rows['sweep']['seconds']:.0f} / "
+        f"{res['olive_sum_s']:.0f} s | {r['sweep_vs_olive_sum']:.2f} | ≤ {TARGET_SPEED_RATIO} | "
+        f"{'yes' if res['goals_met']['speed'] else 'no'} |",
+        f"| sweep / bare builder (same three) = {rows['sweep']['seconds']:.0f} / {res['builder_sum_s']:.0f} s | "
+        f"{r['sweep_vs_builder_sum']:.2f} | - | - |",
+        f"| cached sweep / first sweep | {r['cached_vs_sweep']:.3f} | < {TARGET_CACHED_RATIO} | "
+        f"{'yes' if res['goals_met']['cached'] else 'no'} |",
+        f"| sweep peak RSS / largest single conversion = {rows['sweep']['peak_rss_mb']:.0f} / "
+        f"{res['largest_single_rss_mb']:.0f} MB | {r['sweep_rss_vs_largest_single']:.2f} | ≤ {TARGET_RSS_RATIO} | "
+        f"{'yes' if res['goals_met']['memory'] else 'no'} |",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=OUT / "convert-work", help="scratch folder (emptied first)")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch folder afterwards")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="another HF folder (a smoke run on a tiny model); default: the Qwen2.5-0.5B shape")
+    args = parser.parse_args()
+    shutil.rmtree(args.work, ignore_errors=True)
+    args.work.mkdir(parents=True)
+    try:
+        res = run(args.work, args.model)
+    finally:
+        if not args.keep:
+            shutil.rmtree(args.work, ignore_errors=True)
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "convert.json").write_text(json.dumps(res, indent=2))
+    md = markdown(res)
+    (OUT / "convert.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
