@@ -88,6 +88,16 @@ def test_every_cpu_preset_builds_loads_and_generates(qwen_variants, name):
     assert Path(result.olive_config_path) == folder / "olive_config.json"
 
 
+def test_llama_with_its_own_lm_head_converts_to_rtn_and_hqq(hf_llama, shared_cache, tmp_path):
+    # Llama unties embeddings: lm_head is its own weight, the one RTN and HQQ rename the output of.
+    results = convert.convert_variants(hf_llama, [PRESETS["int4"], PRESETS["int4-hqq"], PRESETS["int8"]],
+                                       tmp_path / "llama", cache_dir=shared_cache, progress=False)
+    for result in results:
+        assert result.status == "ok", result.error
+        assert _graph_outputs(Path(result.output_dir))[0] == "logits"
+        assert len(_generate(Path(result.output_dir))) == 4
+
+
 def test_quantized_presets_are_smaller_than_fp32(qwen_variants):
     fp32 = modeldir.onnx_weight_bytes(qwen_variants["fp32"].output_dir)
     for name in ("int8", "int4", "int4-b128-asym", "int4-kquant", "int4-hqq"):
