@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import re
@@ -444,6 +445,12 @@ class LogitScorer:
         return {"logp": gx[:-1, 0], "base_logp": gb[:-1, 0], "kl": kl[:, 0], "agree": ax[:, 0] == ab[:, 0]}
 
 
+@functools.lru_cache(maxsize=1)
+def _shared_scorer() -> LogitScorer:
+    """One scorer per process: its first run allocates onnxruntime's buffers, later runs reuse them."""
+    return LogitScorer()
+
+
 def score_text(model: Any, chunks: list[list[int]], baseline: Any = None,
                on_chunk: Callable[[int, int], None] | None = None) -> TextScores:
     """Perplexity of model over chunks; with a baseline model, also mean KL(P_base || P_model) and top-1 agreement.
@@ -456,7 +463,7 @@ def score_text(model: Any, chunks: list[list[int]], baseline: Any = None,
     """
     import numpy as np
 
-    scorer = LogitScorer()
+    scorer = _shared_scorer()
     nll = base_nll = kl_sum = 0.0
     agree = predictions = positions = 0
     for i, chunk in enumerate(chunks):
