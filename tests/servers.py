@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -62,19 +63,13 @@ class Postgres:
 def _as_pg_user(args: list[str], timeout: float = PG_START_TIMEOUT_S) -> subprocess.CompletedProcess:
     """Run a PostgreSQL tool as the postgres user when we are root (the server refuses to run as root)."""
     if os.geteuid() == 0:
-        cmd = ["su", PG_USER, "-s", "/bin/sh", "-c", " ".join(_quote(a) for a in args)]
+        cmd = ["su", PG_USER, "-s", "/bin/sh", "-c", shlex.join(args)]
     else:
         cmd = args
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed ({result.returncode}): {result.stdout}\n{result.stderr}")
     return result
-
-
-def _quote(arg: str) -> str:
-    import shlex
-
-    return shlex.quote(arg)
 
 
 def start_postgres() -> Postgres:

@@ -107,3 +107,15 @@ def test_sweep_promote_deploy_through_remote_tracking_server(remote, hf_qwen, co
 
     left_behind = [n for n in LOCAL_STORE_NAMES if (tmp_path / n).exists()]
     assert not left_behind, f"a local store appeared in the working folder: {left_behind}"
+
+
+def test_missing_system_tool_fails_under_ci_instead_of_skipping(monkeypatch):
+    """PostgreSQL and Chromium are installed by .ci/run; under CI their absence is a failure, not a skip."""
+    from tests.servers import require_tool
+
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="refusing to skip under CI"):
+        require_tool(False, "PostgreSQL")
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="PostgreSQL is not installed"):
+        require_tool(False, "PostgreSQL")
