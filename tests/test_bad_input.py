@@ -402,3 +402,23 @@ def test_bad_input_fails_in_one_line_naming_input_and_fix_and_changes_nothing(na
     assert len(errors) == 1, done.stderr
     assert "; " in errors[0], f"no fix after the message: {errors[0]}"
     assert after == before
+
+
+def test_nul_byte_in_a_deployment_name_from_python_is_refused_in_one_line(tmp_path):
+    """The command line cannot carry a NUL (arguments are C strings), so the case is driven the other way a
+    name reaches the plugin: Python code calling the deployment client."""
+    from mlflow.deployments import get_deploy_client
+
+    from mlflow_slmops.errors import SlmopsError
+
+    cache = tmp_path / "foundry-cache"
+    client = get_deploy_client(f"foundry-local:{cache}")
+    for call in (lambda: client.create_deployment("qwen\x00evil", "models:/qwen@champion"),
+                 lambda: client.delete_deployment("qwen\x00evil"),
+                 lambda: client.predict("qwen\x00evil", {"messages": [{"role": "user", "content": "Hi"}]})):
+        with pytest.raises(SlmopsError) as caught:
+            call()
+        text = str(caught.value)
+        assert "\n" not in text and "'qwen\\\\0evil' contains a path separator, '..' or NUL" in text, text
+        assert "use only letters, digits" in text
+    assert not cache.exists()
