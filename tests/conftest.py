@@ -68,6 +68,24 @@ def genai_llama_fp32(hf_llama, models_root) -> Path:
     return _convert(hf_llama, models_root / "genai-llama-fp32", "fp32")
 
 
+@pytest.fixture(scope="session")
+def demo_hf(models_root) -> Path:
+    """The trained demo model (mlflow_slmops.demo): trained once per session, about 2 minutes on 2 cores."""
+    from mlflow_slmops.demo import build_demo_model
+
+    return build_demo_model(models_root / "demo-cache", progress=False)
+
+
+@pytest.fixture(scope="session")
+def demo_genai_fp32(demo_hf, models_root) -> Path:
+    return _convert(demo_hf, models_root / "genai-demo-fp32", "fp32")
+
+
+@pytest.fixture(scope="session")
+def demo_genai_int4(demo_hf, models_root) -> Path:
+    return _convert(demo_hf, models_root / "genai-demo-int4", "int4")
+
+
 @pytest.fixture()
 def tracking(tmp_path, monkeypatch) -> str:
     """A fresh sqlite tracking store for one test, for this process and its subprocesses."""
