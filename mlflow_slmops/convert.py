@@ -618,6 +618,20 @@ def _build_entry(model_dir: Path, spec: VariantSpec, key: str, dirs: _CacheDirs,
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        release_memory()
+
+
+def release_memory() -> None:
+    """Give the heap freed by the last variant back to the OS, so variants never add up in one process.
+
+    A conversion frees gigabytes of weight arrays; glibc keeps freed arenas mapped unless asked to trim.
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _entry_files(entry: Path) -> list[Path]:
