@@ -73,14 +73,9 @@ class PromotionResult:
 
 
 def _variant_runs(client, sweep_run_id: str) -> list:
-    try:
-        sweep = client.get_run(sweep_run_id)
-    except Exception as exc:
-        raise SlmopsError(f"sweep run {sweep_run_id!r} was not found in the tracking store",
-                          "pass the run ID `slmops sweep` printed (MLFLOW_TRACKING_URI must match)") from exc
-    if sweep.data.tags.get(M.ROLE_TAG) != M.ROLE_SWEEP:
-        raise SlmopsError(f"run {sweep_run_id} is not a sweep run (no tag {M.ROLE_TAG}={M.ROLE_SWEEP})",
-                          "pass the parent run ID of a sweep")
+    from mlflow_slmops.sweep import get_sweep_run
+
+    sweep = get_sweep_run(client, sweep_run_id)
     runs, token = [], None
     while True:
         page = client.search_runs(

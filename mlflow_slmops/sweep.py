@@ -164,17 +164,25 @@ def _existing_children(client, parent_run_id: str) -> dict[str, Any]:
     return by_name
 
 
-def _load_request(client, parent_run_id: str) -> SweepRequest:
+def get_sweep_run(client, run_id: str):
+    """The sweep (parent) run with this ID; one-line errors for an unknown ID or a run of another kind."""
     import mlflow
 
     try:
-        run = client.get_run(parent_run_id)
+        run = client.get_run(run_id)
     except Exception as exc:
-        raise SlmopsError(f"sweep run {parent_run_id} was not found in {mlflow.get_tracking_uri()}",
-                          "pass the run ID of a sweep run (tag slmops.role=sweep)") from exc
+        raise SlmopsError(f"sweep run {run_id} was not found in {mlflow.get_tracking_uri()}",
+                          "pass the run ID `slmops sweep` printed (MLFLOW_TRACKING_URI must match)") from exc
     if run.data.tags.get(M.ROLE_TAG) != M.ROLE_SWEEP:
-        raise SlmopsError(f"run {parent_run_id} is not a sweep run (no tag {M.ROLE_TAG}={M.ROLE_SWEEP})",
+        raise SlmopsError(f"run {run_id} is not a sweep run (no tag {M.ROLE_TAG}={M.ROLE_SWEEP})",
                           "pass the parent run ID that `slmops sweep` printed")
+    return run
+
+
+def _load_request(client, parent_run_id: str) -> SweepRequest:
+    import mlflow
+
+    get_sweep_run(client, parent_run_id)
     with tempfile.TemporaryDirectory() as tmp:
         local = mlflow.artifacts.download_artifacts(run_id=parent_run_id, artifact_path=REQUEST_ARTIFACT, dst_path=tmp)
         return SweepRequest.from_dict(json.loads(Path(local).read_text()))

@@ -231,7 +231,7 @@ def evaluate_qa_file_bad_line(w, tmp, stack):
 @case
 def sweep_resume_run_not_found(w, tmp, stack):
     return Run(slmops_argv("sweep", "--resume", NO_SUCH_RUN, "--quiet"),
-               (f"sweep run {NO_SUCH_RUN} was not found", "pass the run ID of a sweep run"))
+               (f"sweep run {NO_SUCH_RUN} was not found", "pass the run ID `slmops sweep` printed"))
 
 
 @case
@@ -258,13 +258,13 @@ def sweep_cache_folder_read_only(w, tmp, stack):
 @case
 def promote_sweep_run_not_found(w, tmp, stack):
     return Run(slmops_argv("promote", "--sweep-run-id", NO_SUCH_RUN, "--name", NAME),
-               (f"sweep run '{NO_SUCH_RUN}' was not found", "pass the run ID `slmops sweep` printed"))
+               (f"sweep run {NO_SUCH_RUN} was not found", "pass the run ID `slmops sweep` printed"))
 
 
 @case
 def promote_run_is_not_a_sweep(w, tmp, stack):
     return Run(slmops_argv("promote", "--sweep-run-id", w.plain_run_id, "--name", NAME),
-               (f"run {w.plain_run_id} is not a sweep run", "pass the parent run ID of a sweep"))
+               (f"run {w.plain_run_id} is not a sweep run", "pass the parent run ID that `slmops sweep` printed"))
 
 
 @case
