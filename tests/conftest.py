@@ -90,9 +90,15 @@ def demo_genai_int4(demo_hf, models_root) -> Path:
 def tracking(tmp_path, monkeypatch) -> str:
     """A fresh sqlite tracking store for one test, for this process and its subprocesses."""
     import mlflow
+    from mlflow.tracking import fluent
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # mlflow.set_experiment (tracking.configure calls it) exports MLFLOW_EXPERIMENT_ID: an ID of this store
+    # that must not reach the next test's store or subprocesses. Removed now, and again at teardown.
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "")  # recorded, so teardown restores the value from before
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID")
+    monkeypatch.setattr(fluent, "_active_experiment_id", None)
     monkeypatch.chdir(tmp_path)
     mlflow.set_tracking_uri(uri)
     yield uri

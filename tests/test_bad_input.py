@@ -114,10 +114,10 @@ def world(tmp_path_factory, hf_qwen, genai_qwen_fp32, genai_qwen_int4, models_ro
     mlflow.set_tracking_uri(uri)
     try:
         # The experiment every command uses, tagged as `slmops` tags it: so a failing command has nothing to add.
-        mlflow.create_experiment(tracking.DEFAULT_EXPERIMENT, tags=dict([tracking.EXPERIMENT_KIND_TAG]),
-                                 artifact_location=(root / "artifacts").as_uri())
-        mlflow.set_experiment(tracking.DEFAULT_EXPERIMENT)
-        with mlflow.start_run() as run:
+        # (Not mlflow.set_experiment: it exports MLFLOW_EXPERIMENT_ID to every later subprocess.)
+        exp_id = mlflow.create_experiment(tracking.DEFAULT_EXPERIMENT, tags=dict([tracking.EXPERIMENT_KIND_TAG]),
+                                          artifact_location=(root / "artifacts").as_uri())
+        with mlflow.start_run(experiment_id=exp_id) as run:
             info = flavor.log_model(genai_qwen_int4, name="model", registered_model_name=NAME)
         mlflow.MlflowClient().set_registered_model_alias(NAME, "champion", info.registered_model_version)
     finally:
