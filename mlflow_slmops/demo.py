@@ -95,9 +95,11 @@ ATTRIBUTE_NOUNS = {
     "battery": ("battery life", "battery runtime"),
 }
 
-# Question frames shared by every attribute ({a} is an attribute noun). Each frame is held out for one
-# attribute and trained with the others, so a held-out question is a new sentence made of known parts.
-GENERIC_FRAMES = (
+# Questions are frames with a slot. Every frame is trained with most attributes and held out for a few,
+# so a held-out question is a new sentence made of known parts; the model must read the attribute word,
+# not recognise the sentence. Noun frames take an attribute noun ({a}), clause frames an embedded
+# question ({c}); held-out questions use the first noun or clause.
+NOUN_FRAMES = (
     "What is the {a} of the {name}?", "Tell me the {a} of the {name}.", "What's the {name} {a}?",
     "{name} {a}?", "Can you tell me the {a} of the {name}?", "Could you give me the {a} of the {name}?",
     "I'd like to know the {a} of the {name}.", "What is the {name}'s {a}?", "Do you know the {a} of the {name}?",
@@ -105,61 +107,61 @@ GENERIC_FRAMES = (
     "I am curious about the {name}. What is its {a}?", "Give me the {a} of the {name}, please.",
     "The {name}: what is the {a}?",
 )
-
-# Wordings with the attribute's own verbs. Two per attribute are held out, a different pair each time,
-# so every kind of wording ("would", "{name}, ...") is also trained on some other attribute.
-SPECIFIC_QUESTIONS = {
-    "price": (
-        "How much does the {name} cost?", "What does the {name} cost?", "How much is the {name}?",
-        "Tell me what the {name} costs.", "How expensive is the {name}?", "What is the {name} going to cost?",
-        "What would the {name} cost me?",
-        "{name}, how much is it?",
-    ),
-    "color": (
-        "What color is the {name}?", "Which color does the {name} come in?", "Which color is the {name}?",
-        "Tell me what color the {name} is.", "In which color is the {name} sold?", "What color is the {name} painted?",
-        "What color would the {name} be?",
-        "{name}, what color is it?",
-    ),
-    "weight": (
-        "How much does the {name} weigh?", "How heavy is the {name}?", "What does the {name} weigh?",
-        "Tell me how much the {name} weighs.", "How many grams is the {name}?", "Is the {name} heavy? What does it weigh?",
-        "How heavy would the {name} be?", "{name}, how heavy is it?",
-    ),
-    "warranty": (
-        "How long is the {name} warranty?", "How long does the {name} warranty last?", "How long is the warranty on the {name}?",
-        "What warranty does the {name} come with?", "Tell me how long the {name} warranty lasts.",
-        "How long is the {name} guaranteed?", "What warranty would the {name} have?",
-        "{name}, what warranty does it have?",
-    ),
-    "battery": (
-        "How long does the {name} battery last?", "How long does the battery of the {name} last?",
-        "How many hours does the {name} play on battery?", "Tell me how long the {name} battery lasts.",
-        "How long can the {name} run on battery?", "How long does the {name} run on one charge?",
-        "How long would the {name} battery last?",
-        "{name}, how long does its battery last?",
-    ),
+CLAUSE_FRAMES = (
+    "Tell me {c}.", "Do you know {c}?", "Could you tell me {c}?", "I wonder {c}.", "Please find out {c}.",
+    "Can you check {c}?", "I'd like to know {c}.", "Any idea {c}?", "Let me know {c}.", "I want to know {c}.",
+)
+ATTRIBUTE_NOUNS = {
+    "price": ("price", "cost"),
+    "color": ("color", "colour"),
+    "weight": ("weight",),
+    "warranty": ("warranty", "guarantee"),
+    "battery": ("battery life", "battery runtime"),
+}
+ATTRIBUTE_CLAUSES = {
+    "price": ("what the {name} costs", "how much the {name} is"),
+    "color": ("what color the {name} is", "which color the {name} has"),
+    "weight": ("how much the {name} weighs", "how heavy the {name} is"),
+    "warranty": ("how long the {name} warranty lasts", "what warranty the {name} has"),
+    "battery": ("how long the {name} battery lasts", "how many hours the {name} plays on battery"),
+}
+# Direct questions with the attribute's own verbs: always trained, never held out.
+DIRECT_QUESTIONS = {
+    "price": ("How much does the {name} cost?", "What does the {name} cost?", "How much is the {name}?",
+              "How expensive is the {name}?", "What would the {name} cost me?", "{name}, how much is it?"),
+    "color": ("What color is the {name}?", "Which color does the {name} come in?", "Which color is the {name}?",
+              "In which color is the {name} sold?", "What color would the {name} be?", "{name}, what color is it?"),
+    "weight": ("How much does the {name} weigh?", "How heavy is the {name}?", "What does the {name} weigh?",
+               "How many grams is the {name}?", "How heavy would the {name} be?", "{name}, how heavy is it?"),
+    "warranty": ("How long is the {name} warranty?", "How long does the {name} warranty last?",
+                 "What warranty does the {name} come with?", "How long is the {name} guaranteed?",
+                 "What warranty would the {name} have?", "{name}, what warranty does it have?"),
+    "battery": ("How long does the {name} battery last?", "How long can the {name} run on battery?",
+                "How many hours does the {name} play on battery?", "How long does the {name} run on one charge?",
+                "How long would the {name} battery last?", "{name}, how long does its battery last?"),
 }
 
 
-def _is_heldout_frame(frame_index: int, attribute: str) -> bool:
+def _is_heldout(frame_index: int, attribute: str) -> bool:
     return (frame_index + ATTRIBUTES.index(attribute)) % len(ATTRIBUTES) == 0
 
 
-def _is_heldout_specific(index: int, attribute: str) -> bool:
-    a, n = ATTRIBUTES.index(attribute), len(SPECIFIC_QUESTIONS[attribute])
-    return index in {a % n, (a + 3) % n}
+def question_groups(attribute: str, heldout: bool) -> list[tuple[str, ...]]:
+    """Question templates of one attribute ({name} left open), one group of wordings per frame.
 
-
-def question_templates(attribute: str, heldout: bool) -> list[str]:
-    """The question templates ({name} left open) of one attribute, for training or held-out evaluation."""
-    nouns = ATTRIBUTE_NOUNS[attribute]
-    nouns = nouns[:1] if heldout else tuple(dict.fromkeys(nouns))
-    generic = [f.replace("{a}", n) for i, f in enumerate(GENERIC_FRAMES)
-               if _is_heldout_frame(i, attribute) == heldout for n in nouns]
-    specific = [q for i, q in enumerate(SPECIFIC_QUESTIONS[attribute])
-                if _is_heldout_specific(i, attribute) == heldout]
-    return generic + specific
+    A training group holds every slot filling of its frame (training picks one at random); a held-out
+    group holds the single wording the evaluation file asks.
+    """
+    nouns, clauses = ATTRIBUTE_NOUNS[attribute], ATTRIBUTE_CLAUSES[attribute]
+    if heldout:
+        nouns, clauses = nouns[:1], clauses[:1]
+    groups = [tuple(f.replace("{a}", n) for n in nouns) for i, f in enumerate(NOUN_FRAMES)
+              if _is_heldout(i, attribute) == heldout]
+    groups += [tuple(f.replace("{c}", c) for c in clauses) for i, f in enumerate(CLAUSE_FRAMES)
+               if _is_heldout(i, attribute) == heldout]
+    if not heldout:
+        groups += [(q,) for q in DIRECT_QUESTIONS[attribute]]
+    return groups
 
 
 # Suffixes asking for the bare value; its answer is the value alone, which `match: exact` checks.
@@ -185,19 +187,41 @@ JSON_FIRST_KEY = "name"
 # How many attributes a JSON request asks for besides the name.
 JSON_ATTRIBUTE_COUNTS = (1, 2, 3)
 
-TRAIN_DOCS = (
-    "The {name} is a {color} Kestrel speaker. It costs {price} and weighs {weight}. "
-    "Its battery lasts {battery}, and it has a warranty of {warranty}.",
-    "Kestrel {name}: price {price}, color {color}, weight {weight}, battery {battery}, warranty {warranty}.",
+# Catalog prose, for perplexity: paragraphs are built from one opener and one sentence per attribute.
+# The last sentence of each attribute is held out of training; every evaluation paragraph uses at least
+# one, so the evaluation text is new prose in the trained style.
+DOC_OPENERS = (
+    "The {name} is a portable Kestrel speaker.", "Meet the Kestrel {name}.", "The Kestrel {name} is a small speaker.",
+    "Here is the {name}.",
 )
-EVAL_DOCS = (
-    "Our {color} {name} sells for {price}. On a full charge the {name} plays for {battery}, "
-    "and at {weight} it fits in any bag. Kestrel covers it with a warranty of {warranty}.",
-    "Looking for a speaker at {price}? The {name} weighs only {weight}, comes in {color}, "
-    "runs {battery} on its battery and carries a {warranty} warranty.",
-    "Customers ask about the {name} a lot: it is {color}, it weighs {weight}, a charge lasts {battery}, "
-    "the warranty is {warranty} and the price is {price}.",
-)
+DOC_SENTENCES = {
+    "price": ("The {name} costs {price}.", "It sells for {price}.", "You can buy the {name} for {price}.",
+              "Its price is {price}."),
+    "color": ("It comes in {color}.", "The {name} is {color}.", "Its color is {color}.", "You can get it in {color}."),
+    "weight": ("It weighs {weight}.", "The {name} weighs {weight}.", "At {weight}, it fits in any bag.",
+               "Its weight is {weight}."),
+    "warranty": ("It has a warranty of {warranty}.", "Kestrel covers the {name} with a warranty of {warranty}.",
+                 "The warranty lasts {warranty}.", "Its warranty is {warranty}."),
+    "battery": ("Its battery lasts {battery}.", "On a full charge it plays for {battery}.",
+                "The {name} battery lasts {battery}.", "It runs {battery} on one charge."),
+}
+TRAIN_PARAGRAPHS_PER_PRODUCT = 10
+EVAL_PARAGRAPHS_PER_PRODUCT = 3
+# Training documents join this many paragraphs, so the model also learns the blank line between them.
+PARAGRAPHS_PER_DOC = 2
+PARAGRAPH_BREAK = "\n\n"
+
+
+def _paragraph(p: Product, rng: random.Random, heldout: bool) -> str:
+    """One catalog paragraph about p; a held-out paragraph uses at least one held-out sentence."""
+    attrs = list(ATTRIBUTES)
+    rng.shuffle(attrs)
+    forced = rng.choice(attrs) if heldout else None
+    sentences = [rng.choice(DOC_OPENERS)]
+    for attr in attrs:
+        pool = DOC_SENTENCES[attr] if heldout else DOC_SENTENCES[attr][:-1]
+        sentences.append(pool[-1] if attr == forced else rng.choice(pool))
+    return " ".join(sentences).format(**asdict(p))
 
 
 # --- examples ----------------------------------------------------------------------------------
@@ -233,13 +257,16 @@ def json_key_sets() -> list[tuple[str, ...]]:
 
 
 # Share of conversations that carry a system prompt (training and evaluation alike).
-SYSTEM_SHARE = 0.3
+SYSTEM_SHARE = 0.2
+# Question frames each fact is trained with (a random subset; every frame still meets every attribute).
+GROUPS_PER_FACT = 20
 # Extra training copies of each fact, each with a greeting and a random training wording.
-PREFIXED_COPIES = 6
+PREFIXED_COPIES = 2
 # Training copies of each fact that ask for the bare value.
-BRIEF_COPIES = 6
-# Training requests per product and JSON key list, each in a different wording.
-JSON_COPIES = 2
+BRIEF_COPIES = 7
+# Training requests per product and JSON key list, each in a different wording: the longest key lists,
+# the hardest to copy, get more.
+JSON_COPIES = {1: 1, 2: 2, 3: 3}
 
 
 def _maybe_system(rng: random.Random) -> str | None:
@@ -247,15 +274,18 @@ def _maybe_system(rng: random.Random) -> str | None:
 
 
 def _fact_examples(p: Product, attr: str, rng: random.Random) -> list[Example]:
-    templates = question_templates(attr, heldout=False)
+    groups = question_groups(attr, heldout=False)
     answer = _answer(p, attr)
-    out = [_conversation(q.format(name=p.name), answer, _maybe_system(rng)) for q in templates]
-    for _ in range(PREFIXED_COPIES):
-        q = rng.choice(TRAIN_PREFIXES) + rng.choice(templates).format(name=p.name)
-        out.append(_conversation(q, answer, _maybe_system(rng)))
-    for suffix in rng.sample(TRAIN_BRIEF, BRIEF_COPIES):
-        q = rng.choice(templates).format(name=p.name) + suffix
-        out.append(_conversation(q, p.value(attr), _maybe_system(rng)))
+
+    def ask() -> str:
+        return rng.choice(rng.choice(groups)).format(name=p.name)
+
+    out = [_conversation(rng.choice(g).format(name=p.name), answer, _maybe_system(rng))
+           for g in rng.sample(groups, min(GROUPS_PER_FACT, len(groups)))]
+    out += [_conversation(rng.choice(TRAIN_PREFIXES) + ask(), answer, _maybe_system(rng))
+            for _ in range(PREFIXED_COPIES)]
+    out += [_conversation(ask() + suffix, p.value(attr), _maybe_system(rng))
+            for suffix in rng.sample(TRAIN_BRIEF, BRIEF_COPIES)]
     return out
 
 
@@ -267,12 +297,17 @@ def training_examples() -> list[Example]:
         for attr in ATTRIBUTES:
             out.extend(_fact_examples(p, attr, rng))
         for keys in json_key_sets():
-            for template in rng.sample(TRAIN_JSON_REQUESTS, JSON_COPIES):
+            for template in rng.sample(TRAIN_JSON_REQUESTS, JSON_COPIES[len(keys) - 1]):
                 req = template.format(name=p.name, keys=", ".join(keys))
                 out.append(_conversation(req, _json_answer(p, keys), _maybe_system(rng)))
-        for doc in TRAIN_DOCS:
-            out.append(Example(text=doc.format(**asdict(p))))
-    return out
+    return out + _training_docs(rng)
+
+
+def _training_docs(rng: random.Random) -> list[Example]:
+    paragraphs = [_paragraph(p, rng, heldout=False) for p in PRODUCTS for _ in range(TRAIN_PARAGRAPHS_PER_PRODUCT)]
+    rng.shuffle(paragraphs)
+    return [Example(text=PARAGRAPH_BREAK.join(paragraphs[i:i + PARAGRAPHS_PER_DOC]))
+            for i in range(0, len(paragraphs), PARAGRAPHS_PER_DOC)]
 
 
 def heldout_qa() -> list[dict]:
@@ -281,7 +316,7 @@ def heldout_qa() -> list[dict]:
     rows: list[dict] = []
     for p in PRODUCTS:
         for attr in ATTRIBUTES:
-            templates = question_templates(attr, heldout=True)
+            templates = [g[0] for g in question_groups(attr, heldout=True)]
             for i, q in enumerate(templates):
                 prefix = rng.choice(HELDOUT_PREFIXES) if i % 2 == 1 else ""
                 rows.append(_qa_row(prefix + q.format(name=p.name), p.value(attr), "contains", rng))
@@ -305,8 +340,9 @@ def _qa_row(user: str, expected: str | list[str], match: str, rng: random.Random
 
 def eval_text() -> str:
     """Plain catalog text in the domain's style, worded unlike the training documents (for perplexity)."""
-    paragraphs = [doc.format(**asdict(p)) for doc in EVAL_DOCS for p in PRODUCTS]
-    return "\n\n".join(paragraphs) + "\n"
+    rng = random.Random(DATA_SEED + 2)
+    paragraphs = [_paragraph(p, rng, heldout=True) for _ in range(EVAL_PARAGRAPHS_PER_PRODUCT) for p in PRODUCTS]
+    return PARAGRAPH_BREAK.join(paragraphs) + "\n"
 
 
 def demo_data_files() -> dict[str, str]:
@@ -390,7 +426,7 @@ class TrainConfig:
     kv_heads: int = 2
     intermediate: int = 512
     max_positions: int = 2048
-    epochs: int = 12
+    epochs: int = 8
     batch_size: int = 32
     lr: float = 3e-3
     min_lr_ratio: float = 0.05
@@ -399,7 +435,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     # Fixed, so the float summation order (hence the trained weights) does not depend on the machine.
-    threads: int = 2
+    threads: int = 1
 
 
 @dataclass(frozen=True)
@@ -412,6 +448,8 @@ class TrainingRecord:
     examples: int
     steps: int
     train_s: float
+    # CPU seconds of this process: on a busy machine, closer than wall time to what training costs.
+    train_cpu_s: float
     final_loss: float
     config: dict
 
@@ -419,12 +457,16 @@ class TrainingRecord:
 RECORD_FILE = "slmops_demo.json"
 
 
+# Batches are cut from windows of this many batches sorted by length: little padding, still shuffled.
+LENGTH_WINDOW_BATCHES = 16
+
+
 def _batches(encoded: list[tuple[list[int], list[int]]], cfg: TrainConfig, epoch: int) -> list[list[int]]:
     """Shuffled batches of similar length (less padding), reproducible per epoch."""
     rng = random.Random(cfg.seed * 1000 + epoch)
     order = list(range(len(encoded)))
     rng.shuffle(order)
-    window = cfg.batch_size * 8
+    window = cfg.batch_size * LENGTH_WINDOW_BATCHES
     batches = []
     for start in range(0, len(order), window):
         chunk = sorted(order[start:start + window], key=lambda i: len(encoded[i][0]))
@@ -547,14 +589,15 @@ def cache_key(examples: list[Example], cfg: TrainConfig) -> str:
 
 
 def _train_into(folder: Path, examples: list[Example], cfg: TrainConfig, key: str, progress: bool) -> None:
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     tok = train_demo_tokenizer(examples, cfg.vocab_size)
     model, loss, steps = train_model(tok, examples, cfg, progress=progress)
-    train_s = time.perf_counter() - start
+    train_s, train_cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
     toymodel.build_tiny_model(folder, ARCH, tokenizer=tok, model=model, max_positions=cfg.max_positions)
     record = TrainingRecord(
         cache_key=key, parameters=sum(p.numel() for p in model.parameters()), vocab_size=tok.get_vocab_size(),
-        examples=len(examples), steps=steps, train_s=round(train_s, 2), final_loss=round(loss, 5), config=asdict(cfg),
+        examples=len(examples), steps=steps, train_s=round(train_s, 2),
+        train_cpu_s=round(train_cpu_s, 2), final_loss=round(loss, 5), config=asdict(cfg),
     )
     (folder / RECORD_FILE).write_text(json.dumps(asdict(record), indent=2))
 

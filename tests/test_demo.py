@@ -28,7 +28,7 @@ def test_committed_quickstart_files_equal_what_the_generator_writes():
         assert committed == content, f"{name} is stale: run demo.write_demo_data('projects/quickstart')"
 
 
-def test_heldout_questions_are_new_wordings_of_trained_facts(tmp_path):
+def test_heldout_questions_and_eval_text_are_new_wordings_of_trained_facts():
     examples = demo.training_examples()
     trained = {content for ex in examples for role, content in ex.messages if role == "user"}
     answers = " ".join(content for ex in examples for role, content in ex.messages if role == "assistant")
@@ -39,7 +39,9 @@ def test_heldout_questions_are_new_wordings_of_trained_facts(tmp_path):
         assert item.question() not in trained, item.question()
         if item.match != "json_keys":
             assert item.expected in answers, f"{item.expected!r} is never taught"
-    assert len(demo.eval_text().encode()) > 3000
+    documents = " ".join(ex.text for ex in examples)
+    paragraphs = demo.eval_text().split(demo.PARAGRAPH_BREAK)
+    assert len(paragraphs) == 24 and not any(p.strip() in documents for p in paragraphs)
 
 
 def test_tokenizer_reloads_encode_training_text_like_the_trained_one(tmp_path):
