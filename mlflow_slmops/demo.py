@@ -72,6 +72,10 @@ PRODUCTS = (
     Product("Vortex", "$199", "purple", "650 g", "4 years", "26 hours"),
 )
 
+# A question in held-out wording that the trained model answers; for demos and smoke checks.
+SAMPLE_QUESTION = "Hello! What is the price of the Nimbus?"
+SAMPLE_ANSWER = "$129"
+
 SYSTEM_PROMPTS = (
     "You are the Kestrel product assistant. Answer questions about Kestrel speakers.",
     "You help customers of Kestrel, a maker of portable speakers. Be brief and exact.",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -90,6 +91,22 @@ def test_cache_key_changes_with_the_data_or_the_settings():
     assert demo.cache_key(examples[1:], demo.TrainConfig()) != base
 
 
+def test_training_is_reproducible_and_follows_the_seed():
+    examples = demo.training_examples()[:48]
+    tok = demo.train_demo_tokenizer(examples, 300)
+    tiny = demo.TrainConfig(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, epochs=1, batch_size=16,
+                            warmup_steps=1)
+
+    def weights(cfg):
+        model, _, _ = demo.train_model(tok, examples, cfg, progress=False)
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    first, again = weights(tiny), weights(tiny)
+    assert all((first[k] == again[k]).all() for k in first)
+    other = weights(dataclasses.replace(tiny, seed=1))
+    assert any((first[k] != other[k]).any() for k in first)
+
+
 def test_second_build_reuses_the_trained_folder(demo_hf):
     weights = demo_hf / "model.safetensors"
     before = weights.stat().st_mtime_ns
@@ -112,6 +129,8 @@ def test_fp32_demo_model_answers_heldout_questions(demo_genai_fp32):
     assert accuracy >= MIN_QA_ACCURACY, wrong
     json_rows = [r for r in rows if r.match == "json_keys"]
     assert all(r.format_valid for r in json_rows), [r.answer for r in json_rows if not r.format_valid]
+    sample = GenaiModel(demo_genai_fp32).chat([{"role": "user", "content": demo.SAMPLE_QUESTION}])
+    assert demo.SAMPLE_ANSWER in sample["choices"][0]["message"]["content"]
 
 
 def test_int4_demo_model_shifts_the_logits(demo_genai_fp32, demo_genai_int4):
