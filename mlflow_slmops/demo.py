@@ -262,7 +262,8 @@ def json_key_sets() -> list[tuple[str, ...]]:
 
 # Share of conversations that carry a system prompt (training and evaluation alike).
 SYSTEM_SHARE = 0.2
-# Question frames each fact is trained with (a random subset; every frame still meets every attribute).
+# Question frames each fact is trained with: a random subset (over the 8 products every training frame
+# still meets its attribute; tests/test_demo.py checks the split).
 GROUPS_PER_FACT = 20
 # Extra training copies of each fact, each with a greeting and a random training wording.
 PREFIXED_COPIES = 2

@@ -40,6 +40,9 @@ def test_heldout_questions_and_eval_text_are_new_wordings_of_trained_facts():
         assert item.question() not in trained, item.question()
         if item.match != "json_keys":
             assert item.expected in answers, f"{item.expected!r} is never taught"
+    for attr in demo.ATTRIBUTES:  # each held-out frame is trained with the other attributes
+        for group in demo.question_groups(attr, heldout=False):
+            assert any(w.format(name=p.name) in trained for w in group for p in demo.PRODUCTS), group
     documents = " ".join(ex.text for ex in examples)
     paragraphs = demo.eval_text().split(demo.PARAGRAPH_BREAK)
     assert len(paragraphs) == 24 and not any(p.strip() in documents for p in paragraphs)
