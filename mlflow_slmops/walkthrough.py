@@ -24,7 +24,7 @@ DEMO_DATA = Path(".slmops") / "demo-data"
 # The demo's stated constraints: within 5% of fp32 perplexity and at least 90% on the held-out QA.
 DEMO_MAX_PPL_DELTA_PCT = 5.0
 DEMO_MIN_QA_ACCURACY = 0.9
-DEMO_QUESTION = "Hello! How much does the Kestrel Mini cost? Reply with the value only."
+DEMO_QUESTION = "Hello! What is the price of the Nimbus?"  # demo.SAMPLE_QUESTION: a fact the demo model was trained on
 DEMO_BENCH = {"prompt_len": 128, "gen_len": 32, "repeats": 3}
 
 
