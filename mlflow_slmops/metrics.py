@@ -52,3 +52,5 @@ ROLE_VARIANT = "variant"
 STATUS_TAG = "slmops.status"
 ERROR_TAG = "slmops.error"
 VARIANT_TAG = "slmops.variant"
+# A variant built for another execution provider: logged, never measured or promoted here.
+BUILD_ONLY_TAG = "slmops.build_only"

@@ -21,7 +21,6 @@ DEFAULT_MAX_PPL_DELTA_PCT = 5.0
 VERSION_TAG_METRICS = (M.SIZE_MB, M.DECODE_TOK_S, M.TTFT_MS, M.PPL_DELTA_PCT, M.KL_DIV, M.QA_ACCURACY,
                        M.PEAK_RSS_MB)
 SEARCH_PAGE_SIZE = 1000
-BUILD_ONLY_TAG = "slmops.build_only"
 
 
 @dataclass(frozen=True)
@@ -170,7 +169,7 @@ def promote(sweep_run_id: str, name: str, alias: str = DEFAULT_ALIAS,
     for run in _variant_runs(client, sweep_run_id):
         c = Candidate(run.data.tags.get(M.VARIANT_TAG, run.info.run_name), run.info.run_id,
                       run.data.tags.get(M.STATUS_TAG, "failed"), dict(run.data.metrics))
-        judge(c, constraints, run.data.tags.get(BUILD_ONLY_TAG) == "true")
+        judge(c, constraints, run.data.tags.get(M.BUILD_ONLY_TAG) == "true")
         candidates.append(c)
     try:
         champion = choose(candidates, constraints)

@@ -32,7 +32,6 @@ SPOOL_DIRNAME = ".spool"
 # Logging retries on top of MLflow's own HTTP retries: attempts and the first back-off.
 LOG_ATTEMPTS = 3
 LOG_BACKOFF_S = 2.0
-BUILD_ONLY_TAG = "slmops.build_only"
 
 
 @dataclass
@@ -246,7 +245,7 @@ def _log_variant_run(spec, conv, size_metrics: dict, measured: dict | None, chil
         mlflow.log_metrics(all_metrics)
         mlflow.log_metrics(all_metrics, model_id=info.model_id)
         if spec.build_only:
-            mlflow.set_tag(BUILD_ONLY_TAG, "true")
+            mlflow.set_tag(M.BUILD_ONLY_TAG, "true")
         if measured:
             _log_measurement_artifacts(measured)
         mlflow.set_tags({M.STATUS_TAG: "ok"})
@@ -299,7 +298,7 @@ def _outcome_from_run(run, spec) -> VariantOutcome:
     curve = {int(m.step): m.value for m in history}
     return VariantOutcome(
         variant=spec.name, status=run.data.tags.get(M.STATUS_TAG, "failed"), run_id=run.info.run_id,
-        build_only=run.data.tags.get(BUILD_ONLY_TAG) == "true", error=run.data.tags.get(M.ERROR_TAG),
+        build_only=run.data.tags.get(M.BUILD_ONLY_TAG) == "true", error=run.data.tags.get(M.ERROR_TAG),
         metrics=dict(run.data.metrics), latency_curve=curve,
     )
 
