@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from mlflow_slmops import _worker, metrics, modeldir
+from mlflow_slmops import _worker, metrics, modeldir, tracking
 from mlflow_slmops import data as packaged_data
 from mlflow_slmops._worker import ProgressFn
 from mlflow_slmops.errors import SlmopsError
@@ -381,13 +381,7 @@ def log_benchmark_run(result: BenchmarkResult) -> str:
     Example:
         >>> log_benchmark_run(run_benchmark("out/int4"))        # doctest: +SKIP
     """
-    import mlflow
-
-    with mlflow.start_run(run_name=f"benchmark-{Path(result.model_dir).name}",
-                          tags={metrics.ROLE_TAG: ROLE_BENCHMARK}) as run:
-        mlflow.log_param("model_dir", result.model_dir)
-        log_benchmark(result)
-    return run.info.run_id
+    return tracking.log_standalone_run("benchmark", ROLE_BENCHMARK, result.model_dir, lambda: log_benchmark(result))
 
 
 def _worker_main(argv: list[str] | None = None) -> int:

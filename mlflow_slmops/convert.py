@@ -104,6 +104,7 @@ class ConversionResult:
     olive_config_path: str | None
     cached: bool
     build_only: bool
+    build_s: float | None = None  # how long the Olive build of this variant took, now or when it was cached
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -780,7 +781,7 @@ def convert_variant(model_dir: str | Path, spec: VariantSpec, output_dir: str | 
         raise
     return ConversionResult(spec, STATUS_OK, str(final), None, time.perf_counter() - start,
                             modeldir.dir_size_bytes(final), manifest["weights_sha256"],
-                            str(final / OLIVE_CONFIG_FILE), cached, spec.build_only)
+                            str(final / OLIVE_CONFIG_FILE), cached, spec.build_only, manifest.get("build_s"))
 
 
 def _cached_or_built(model_dir: Path, spec: VariantSpec, key: str, dirs: _CacheDirs, trust_remote_code: bool,

@@ -54,3 +54,5 @@ ERROR_TAG = "slmops.error"
 VARIANT_TAG = "slmops.variant"
 # A variant built for another execution provider: logged, never measured or promoted here.
 BUILD_ONLY_TAG = "slmops.build_only"
+# "true" when the variant came from the conversion cache; convert_s is then the time of the original build.
+CONVERSION_CACHED_TAG = "slmops.conversion_cached"

@@ -15,7 +15,8 @@ from pathlib import Path
 from mlflow_slmops.errors import SlmopsError
 
 GENAI_CONFIG = "genai_config.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+TOKENIZER_JSON = "tokenizer.json"
+TOKENIZER_FILES = (TOKENIZER_JSON, "tokenizer.model", "vocab.json")
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 # ONNX external-data files are read in chunks of this size when hashing.

@@ -20,7 +20,6 @@ DEFAULT_MAX_PPL_DELTA_PCT = 5.0
 # Metrics copied onto the registered version as tags, so the registry page shows why it won.
 VERSION_TAG_METRICS = (M.SIZE_MB, M.DECODE_TOK_S, M.TTFT_MS, M.PPL_DELTA_PCT, M.KL_DIV, M.QA_ACCURACY,
                        M.PEAK_RSS_MB)
-SEARCH_PAGE_SIZE = 1000
 
 
 @dataclass(frozen=True)
@@ -69,23 +68,6 @@ class PromotionResult:
     def to_dict(self) -> dict:
         return {"name": self.name, "version": self.version, "alias": self.alias, "model_uri": self.model_uri,
                 "champion": asdict(self.champion), "candidates": [c.row() for c in self.candidates]}
-
-
-def _variant_runs(client, sweep_run_id: str) -> list:
-    from mlflow_slmops.sweep import get_sweep_run
-
-    sweep = get_sweep_run(client, sweep_run_id)
-    runs, token = [], None
-    while True:
-        page = client.search_runs(
-            [sweep.info.experiment_id],
-            filter_string=f"tags.mlflow.parentRunId = '{sweep_run_id}' and tags.`{M.ROLE_TAG}` = '{M.ROLE_VARIANT}'",
-            max_results=SEARCH_PAGE_SIZE, page_token=token,
-        )
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
 
 
 def judge(candidate: Candidate, constraints: Constraints, build_only: bool) -> None:
@@ -158,6 +140,8 @@ def promote(sweep_run_id: str, name: str, alias: str = DEFAULT_ALIAS,
     """
     import mlflow
 
+    from mlflow_slmops.sweep import variant_runs
+
     constraints = constraints or Constraints()
     if not name or not name.strip():
         raise SlmopsError("the registered model name is empty", "pass --name NAME")
@@ -166,7 +150,7 @@ def promote(sweep_run_id: str, name: str, alias: str = DEFAULT_ALIAS,
     tracking.connect()
     client = mlflow.MlflowClient()
     candidates = []
-    for run in _variant_runs(client, sweep_run_id):
+    for run in variant_runs(client, sweep_run_id):
         c = Candidate(run.data.tags.get(M.VARIANT_TAG, run.info.run_name), run.info.run_id,
                       run.data.tags.get(M.STATUS_TAG, "failed"), dict(run.data.metrics))
         judge(c, constraints, run.data.tags.get(M.BUILD_ONLY_TAG) == "true")

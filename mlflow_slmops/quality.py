@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from mlflow_slmops import _worker, metrics, modeldir
+from mlflow_slmops import _worker, metrics, modeldir, tracking
 from mlflow_slmops import data as packaged_data
 from mlflow_slmops._worker import ProgressFn
 from mlflow_slmops.errors import SlmopsError
@@ -734,13 +734,7 @@ def log_quality_run(result: QualityResult) -> str:
     Example:
         >>> log_quality_run(run_evaluate("out/int4"))        # doctest: +SKIP
     """
-    import mlflow
-
-    with mlflow.start_run(run_name=f"evaluate-{Path(result.model_dir).name}",
-                          tags={metrics.ROLE_TAG: ROLE_EVALUATE}) as run:
-        mlflow.log_param("model_dir", result.model_dir)
-        log_quality(result)
-    return run.info.run_id
+    return tracking.log_standalone_run("evaluate", ROLE_EVALUATE, result.model_dir, lambda: log_quality(result))
 
 
 def _worker_main(argv: list[str] | None = None) -> int:

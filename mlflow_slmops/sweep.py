@@ -148,15 +148,26 @@ class Spool:
         self.path(variant).unlink(missing_ok=True)
 
 
+def variant_runs(client, sweep_run_id: str, page_size: int = 1000) -> list:
+    """Every variant (child) run of a sweep run, paging through the search; errors as `get_sweep_run`."""
+    sweep = get_sweep_run(client, sweep_run_id)
+    runs, token = [], None
+    while True:
+        page = client.search_runs(
+            [sweep.info.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{sweep_run_id}' and tags.`{M.ROLE_TAG}` = '{M.ROLE_VARIANT}'",
+            max_results=page_size, page_token=token,
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
 def _existing_children(client, parent_run_id: str) -> dict[str, Any]:
     """The variant runs already under a sweep run, by variant name (latest first wins)."""
-    runs = client.search_runs(
-        [client.get_run(parent_run_id).info.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
-        max_results=1000,
-    )
     by_name: dict[str, Any] = {}
-    for run in sorted(runs, key=lambda r: r.info.start_time):
+    for run in sorted(variant_runs(client, parent_run_id), key=lambda r: r.info.start_time):
         name = run.data.tags.get(M.VARIANT_TAG)
         if name:
             by_name[name] = run
@@ -237,6 +248,7 @@ def _log_variant_run(spec, conv, size_metrics: dict, measured: dict | None, chil
         if conv.status != "ok":
             mlflow.set_tags({M.STATUS_TAG: "failed", M.ERROR_TAG: (conv.error or "conversion failed")[:4000]})
             return child.info.run_id
+        mlflow.set_tag(M.CONVERSION_CACHED_TAG, str(conv.cached).lower())
         if conv.olive_config_path:
             mlflow.log_artifact(conv.olive_config_path)
         info = flavor.log_model(conv.output_dir, name="model",
@@ -440,10 +452,15 @@ def _sweep_variants(req, specs, existing, parent_id, progress, echo) -> list[Var
     return outcomes
 
 
+def _convert_seconds(conv) -> float:
+    """A variant reused from the conversion cache reports the build time it took when it was cached."""
+    return conv.build_s if conv.cached and conv.build_s is not None else conv.convert_s
+
+
 def _run_one(req, spec, conv, baseline_dir, baseline_size, spool, child_id, resume_hint, bar) -> VariantOutcome:
     size_metrics = {}
     if conv.status == "ok":
-        size_metrics = {M.SIZE_MB: conv.size_bytes / 2**20, M.CONVERT_S: conv.convert_s}
+        size_metrics = {M.SIZE_MB: conv.size_bytes / 2**20, M.CONVERT_S: _convert_seconds(conv)}
         if baseline_size:
             size_metrics[M.COMPRESSION_RATIO] = baseline_size / conv.size_bytes
     measured = spool.read(spec.name)

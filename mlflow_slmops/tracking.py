@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Callable
 
+from mlflow_slmops import metrics
 from mlflow_slmops.errors import SlmopsError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -72,3 +75,17 @@ def check_reachable(uri: str) -> None:
             f"the MLflow tracking server at {uri} cannot be reached ({type(exc).__name__})",
             "start the server or unset MLFLOW_TRACKING_URI to use the local sqlite store",
         )
+
+
+def log_standalone_run(kind: str, role: str, model_dir: str, log: Callable[[], None]) -> str:
+    """One top-level run for a stage used on its own (`slmops benchmark`, `slmops evaluate`); return its ID.
+
+    The run is named ``<kind>-<model folder name>``, tagged with its role, records ``model_dir`` as a param,
+    and ``log()`` logs the rest inside it.
+    """
+    import mlflow
+
+    with mlflow.start_run(run_name=f"{kind}-{Path(model_dir).name}", tags={metrics.ROLE_TAG: role}) as run:
+        mlflow.log_param("model_dir", model_dir)
+        log()
+    return run.info.run_id

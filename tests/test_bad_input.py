@@ -368,11 +368,12 @@ def log_model_symlink_outside_the_folder(w, tmp, stack):
 
 
 def _without_lock_files(snap: dict | None) -> dict | None:
-    """A deploy takes the name's lock file (and the Foundry runtime its catalog lock) before it writes: empty
-    files that Foundry's scanner ignores and the next deploy reuses, so they are not counted as output."""
+    """The Foundry runtime takes its own catalog lock when it starts: an empty file that its scanner ignores and
+    reuses, so it is not counted as output. Our per-name deploy lock is counted: a failed deploy removes it."""
     if snap is None:
         return None
-    locks = [k for k in snap if k.endswith((fcache.LOCK_SUFFIX, ".lock")) and snap[k][:1] == (0,)]
+    locks = [k for k in snap if k.endswith(".lock") and not k.endswith(fcache.LOCK_SUFFIX)
+             and snap[k][:1] == (0,)]
     holders = {str(Path(k).parent) + "/" for k in locks} | {str(p) + "/" for k in locks for p in Path(k).parents}
     only_locks = {d for d in holders if all(k in locks or k in holders for k in snap if k.startswith(d))}
     return {k: v for k, v in snap.items() if k not in locks and k not in only_locks}

@@ -172,6 +172,8 @@ def test_cached_rerun_converts_nothing_and_links_the_cached_files(qwen_variants,
     for result in again:
         first = Path(qwen_variants[result.spec.name].output_dir)
         assert result.weights_sha256 == qwen_variants[result.spec.name].weights_sha256
+        # the sweep logs this as convert_s: the original build time, not the near-zero reuse time
+        assert result.build_s == qwen_variants[result.spec.name].build_s > result.convert_s
         assert os.path.samefile(first / "model.onnx.data", Path(result.output_dir) / "model.onnx.data")
 
 

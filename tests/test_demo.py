@@ -145,3 +145,39 @@ def test_int4_demo_model_shifts_the_logits(demo_genai_fp32, demo_genai_int4):
     ids = [int(t) for t in fp32.tokenizer.encode(demo.eval_text())][: quality.DEFAULT_CHUNK_TOKENS]
     shift = np.abs(quality.chunk_logits(fp32.model, ids) - quality.chunk_logits(int4.model, ids)).mean()
     assert shift > MIN_INT4_LOGIT_SHIFT
+
+
+def test_slmops_demo_runs_the_whole_flow_and_foundry_local_answers(demo_hf, tmp_path):
+    """What `make demo` runs, in a fresh working folder; the trained model is seeded so training is not repeated."""
+    import os
+    import shutil
+
+    import mlflow
+
+    from mlflow_slmops import walkthrough
+    from mlflow_slmops.deployment.config import DEFAULT_PUBLISHER
+    from tests.helpers import slmops
+
+    seeded = tmp_path / demo.DEFAULT_CACHE_DIR / demo_hf.name
+    shutil.copytree(demo_hf, seeded, copy_function=os.link)
+    env = {"MLFLOW_TRACKING_URI": "", "MLFLOW_EXPERIMENT_NAME": "", "MLFLOW_EXPERIMENT_ID": ""}
+    done = slmops("demo", "--quiet", env=env, cwd=str(tmp_path), timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout
+    assert "training demo model" not in out + done.stderr, "the seeded model must be reused"
+    for variant in walkthrough.DEMO_VARIANTS.split(","):
+        assert f"\n{variant} " in out or f" {variant} " in out, f"variants table lacks {variant}"
+    champion = out.split("Champion: ", 1)[1].split(",", 1)[0]
+    assert champion in walkthrough.DEMO_VARIANTS.split(",")
+    answer = out.split("A (Foundry Local): ", 1)[1].splitlines()[0]
+    assert demo.SAMPLE_ANSWER in answer
+    assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in out
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        version = mlflow.MlflowClient().get_model_version_by_alias(demo.DEMO_MODEL_NAME, "champion")
+    finally:
+        mlflow.set_tracking_uri(None)
+    publisher = tmp_path / walkthrough.DEFAULT_FOUNDRY_CACHE / DEFAULT_PUBLISHER
+    deployed = publisher / f"{demo.DEMO_MODEL_NAME}-{version.version}"
+    assert (deployed / "inference_model.json").is_file()

@@ -321,6 +321,42 @@ def test_predict_list_get_update_delete_through_the_mlflow_cli(registry, cache, 
     get_deploy_client(target).delete_deployment(NAME)  # idempotent: nothing left, no error
 
 
+PREDICT_DEFAULTS = r"""
+import json, sys
+from mlflow.deployments import get_deploy_client
+client, name = get_deploy_client(sys.argv[1]), sys.argv[2]
+ask = [{"role": "user", "content": "What is MLflow?"}]
+out = {key: client.predict(deployment_name=name, inputs={"messages": ask, **opts}) for key, opts in {
+    "greedy-1": {"seed": 1}, "greedy-2": {"seed": 2},
+    "sampled-1": {"seed": 1, "do_sample": True, "max_tokens": 24},
+    "sampled-2": {"seed": 2, "do_sample": True, "max_tokens": 24},
+    "long": {"messages": [{"role": "user", "content": "MLflow tracks runs. " * 300}]},
+}.items()}
+print(json.dumps(out))
+"""
+
+
+def test_predict_without_max_tokens_fits_the_context_and_keeps_the_models_greedy_search(registry, cache, tmp_path):
+    # Foundry Local asks for 2048 output tokens unless told, more than this 2048-token model has room for;
+    # and it samples unless told, whatever genai_config.json says. Both defaults come from the deployed folder.
+    done = deploy_cli("create", cache, NAME, "-m", f"models:/{NAME}/1", "-C", "do_sample=false",
+                      "-C", "temperature=1.5")
+    assert done.returncode == 0, done.stderr
+    context = json.loads((model_dir(cache, 1) / "genai_config.json").read_text())["model"]["context_length"]
+    assert context <= 2048
+    ran = subprocess.run([sys.executable, "-c", PREDICT_DEFAULTS, f"foundry-local:{cache}", NAME],
+                         capture_output=True, text=True, timeout=WAIT_S)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    out = json.loads(ran.stdout.strip().splitlines()[-1])
+    text = {k: v["choices"][0]["message"]["content"] for k, v in out.items()}
+    assert text["greedy-1"] == text["greedy-2"], "do_sample=false must not depend on the seed"
+    assert text["sampled-1"] != text["sampled-2"], "do_sample=true in the request must sample"
+    long = out["long"]["usage"]
+    assert long["prompt_tokens"] > 1000
+    assert long["prompt_tokens"] + long["completion_tokens"] <= context
+    assert all(v["usage"]["completion_tokens"] > 0 for v in out.values())
+
+
 def test_help_prints_the_config_key_reference_that_docs_deploy_md_holds():
     done = mlflow_cli("deployments", "help", "-t", "foundry-local")
     assert done.returncode == 0, done.stderr

@@ -60,6 +60,7 @@ def test_every_successful_child_has_every_metric_and_param(mlflow_run_sweep):
     for name in ("fp32", "int4"):
         run = children(client, parent.info.run_id)[name]
         assert run.data.tags[M.STATUS_TAG] == "ok"
+        assert run.data.tags[M.CONVERSION_CACHED_TAG] == "false"  # a fresh conversion cache
         missing = [k for k in M.VARIANT_METRICS if k not in run.data.metrics]
         assert not missing, f"{name} lacks {missing}"
         for p in ("variant", "precision", "block_size", "is_symmetric", "algo", "accuracy_level",

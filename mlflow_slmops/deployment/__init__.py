@@ -42,7 +42,7 @@ from mlflow_slmops.errors import SlmopsError
 
 FLAVOR = "onnx_genai"
 TARGET = "foundry-local"
-CHAT_OPTION_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed")
+CHAT_OPTION_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "do_sample")
 _MB = 1 << 20
 
 
@@ -220,8 +220,9 @@ class FoundryLocalDeploymentClient(BaseDeploymentClient):
         Args:
             deployment_name: the deployment's name.
             inputs: ``{"messages": [...], "max_tokens": 16, ...}`` (options: max_tokens, temperature, top_p,
-                top_k, seed), a list of messages, a list of conversations, or the DataFrame that
-                ``mlflow deployments predict --input-path`` reads from such JSON.
+                top_k, seed, do_sample; unset ones keep the deployed genai_config.json search defaults), a list
+                of messages, a list of conversations, or the DataFrame that ``mlflow deployments predict
+                --input-path`` reads from such JSON.
 
         Returns:
             For one conversation, the ``chat.completion`` itself (``response["choices"][0]["message"]``);
@@ -399,7 +400,8 @@ def _chat_options(values: dict) -> "Any":
     from mlflow_slmops.deployment.runtime import ChatOptions
 
     parsers = {"max_tokens": fconfig._int_at_least(1), "temperature": fconfig._positive_float,
-               "top_p": fconfig._top_p, "top_k": fconfig._int_at_least(1), "seed": fconfig._int_at_least(0)}
+               "top_p": fconfig._top_p, "top_k": fconfig._int_at_least(1), "seed": fconfig._int_at_least(0),
+               "do_sample": fconfig._bool}
     unknown = sorted(set(values) - set(parsers))
     if unknown:
         raise SlmopsError(f"chat input has unknown keys {unknown}", f"use messages and {', '.join(CHAT_OPTION_KEYS)}")

@@ -18,6 +18,7 @@ half-written folder visible. A ``filelock`` per name makes concurrent writers of
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
@@ -228,11 +229,18 @@ class FoundryCache:
 
     @contextmanager
     def lock(self, publisher: str, name: str) -> Iterator[None]:
-        """Hold the cross-process lock of one deployment name, or fail at once if another process holds it."""
+        """Hold the cross-process lock of one deployment name, or fail at once if another process holds it.
+
+        The lock file is removed while still held, and a publisher folder this call created is removed again if
+        it is left empty, so a failed deploy leaves nothing behind. filelock 4 checks after each flock that the
+        locked file is still linked, so unlinking before release cannot let two holders in.
+        """
         import filelock
 
-        self.publisher_dir(publisher).mkdir(parents=True, exist_ok=True)
-        lock = filelock.FileLock(str(self.publisher_dir(publisher) / f"{name}{LOCK_SUFFIX}"), timeout=0)
+        pub = self.publisher_dir(publisher)
+        created = not pub.exists()
+        pub.mkdir(parents=True, exist_ok=True)
+        lock = filelock.FileLock(str(pub / f"{name}{LOCK_SUFFIX}"), timeout=0)
         try:
             lock.acquire()
         except filelock.Timeout:
@@ -243,7 +251,11 @@ class FoundryCache:
         try:
             yield
         finally:
+            Path(lock.lock_file).unlink(missing_ok=True)
             lock.release()
+            if created:
+                with contextlib.suppress(OSError):
+                    pub.rmdir()  # only succeeds while empty
 
     def stage(self, publisher: str, model_id: str) -> Path:
         """A new, empty staging folder beside the final one, already marked incomplete."""

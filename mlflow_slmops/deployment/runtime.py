@@ -12,15 +12,23 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 from mlflow_slmops.errors import SlmopsError
+from mlflow_slmops.deployment.cache import INFERENCE_MODEL_FILE
+from mlflow_slmops.modeldir import GENAI_CONFIG, TOKENIZER_JSON
 
 APP_NAME = "mlflow-slmops"
 TASK = "chat-completion"
+# What Foundry Local 2.2 asks for when a request gives no max_tokens (its error messages show it).
+FOUNDRY_DEFAULT_OUTPUT_TOKENS = 2048
+# Tokens the estimate may miss where the template's text and the rendered prompt tokenize differently.
+PROMPT_TOKEN_MARGIN = 8
 LOCAL_ROUTE = "/catalogs/local/v1"  # the web service serves registered local models only under this prefix
 _ROLES = ("system", "user", "assistant", "developer")
 
@@ -34,6 +42,7 @@ class ChatOptions:
     top_p: float | None = None
     top_k: int | None = None
     seed: int | None = None
+    do_sample: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,62 @@ def _error(action: str, exc: Exception) -> SlmopsError:
     return SlmopsError(f"Foundry Local could not {action}: {text}", "check the deployment with `mlflow deployments get`")
 
 
+@dataclass
+class ModelDefaults:
+    """What a request without options gets, from the registered folder's own files.
+
+    Foundry Local asks for 2048 output tokens when a request names none, and refuses the request when prompt
+    plus output exceed the model's context. OpenAI's contract is "until a stop token or the context is full",
+    so a request without ``max_tokens`` gets what is left of the context after its prompt, up to 2048.
+    """
+
+    do_sample: bool | None = None
+    context_length: int | None = None
+    prompt_template: dict = field(default_factory=dict)
+    tokenizer: object | None = None
+
+    @classmethod
+    def read(cls, folder: Path) -> "ModelDefaults":
+        config = _read_json(folder / GENAI_CONFIG)
+        search, model = config.get("search", {}), config.get("model", {})
+        template = _read_json(folder / INFERENCE_MODEL_FILE).get("PromptTemplate", {})
+        tokenizer = None
+        if (folder / TOKENIZER_JSON).is_file():
+            from tokenizers import Tokenizer
+
+            with contextlib.suppress(Exception):  # a tokenizer `tokenizers` cannot read: fall back to characters
+                tokenizer = Tokenizer.from_file(str(folder / TOKENIZER_JSON))
+        return cls(search.get("do_sample") if isinstance(search.get("do_sample"), bool) else None,
+                   model.get("context_length") if isinstance(model.get("context_length"), int) else None,
+                   template if isinstance(template, dict) else {}, tokenizer)
+
+    def prompt_tokens(self, messages: list[dict]) -> int:
+        """An upper estimate of the prompt's tokens: each message in its PromptTemplate, plus the reply's opening."""
+        def fill(key: str, content: str) -> str:
+            tpl = self.prompt_template.get(key)
+            return tpl.replace("{Content}", content) if isinstance(tpl, str) else content
+
+        text = "".join(fill(m["role"], m["content"]) for m in messages) + fill("prompt", "")
+        if self.tokenizer is None:
+            return len(text.encode())  # a byte-level BPE never needs more than one token per byte
+        return len(self.tokenizer.encode(text, add_special_tokens=True).ids) + PROMPT_TOKEN_MARGIN
+
+    def output_budget(self, messages: list[dict]) -> int | None:
+        """max_output_tokens for a request that gives none; None leaves it to Foundry (which then explains)."""
+        if self.context_length is None:
+            return None
+        left = self.context_length - self.prompt_tokens(messages)
+        return min(FOUNDRY_DEFAULT_OUTPUT_TOKENS, left) if left > 0 else None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 class FoundryRuntime:
     """The Foundry Local manager of one cache folder, with the few operations the deployment needs."""
 
@@ -74,6 +139,7 @@ class FoundryRuntime:
             raise _error(f"start on cache {self.cache_dir}", exc)
         self.manager = FoundryLocalManager.instance
         self._loaded: dict[str, object] = {}
+        self._defaults: dict[str, ModelDefaults] = {}
 
     @property
     def _catalog(self):
@@ -140,6 +206,7 @@ class FoundryRuntime:
         return model
 
     def _unload(self, model_id: str) -> None:
+        self._defaults.pop(model_id, None)
         model = self._loaded.pop(model_id, None)
         if model is not None:
             try:
@@ -147,14 +214,24 @@ class FoundryRuntime:
             except Exception:  # already unloaded by the runtime: nothing to release
                 pass
 
-    def _session(self, model_id: str, options: ChatOptions):
+    def _session(self, model_id: str, options: ChatOptions, messages: list[dict]):
         from foundry_local_sdk import ChatSession, RequestOptions, SearchOptions
 
         session = ChatSession(self.load(model_id))
+        defaults = self._defaults_of(model_id)
+        # Foundry Local samples unless told otherwise, whatever genai_config.json says: pass the model's default.
+        do_sample = options.do_sample if options.do_sample is not None else defaults.do_sample
+        max_tokens = options.max_tokens if options.max_tokens is not None else defaults.output_budget(messages)
         search = SearchOptions(temperature=options.temperature, top_p=options.top_p, top_k=options.top_k,
-                               max_output_tokens=options.max_tokens, seed=options.seed)
+                               max_output_tokens=max_tokens, seed=options.seed, do_sample=do_sample)
         session.set_options(RequestOptions(search=search))
         return session
+
+    def _defaults_of(self, model_id: str) -> "ModelDefaults":
+        if model_id not in self._defaults:
+            path = self.registered_path(model_id)
+            self._defaults[model_id] = ModelDefaults.read(Path(path)) if path else ModelDefaults()
+        return self._defaults[model_id]
 
     @staticmethod
     def _request(messages: list[dict]):
@@ -170,7 +247,7 @@ class FoundryRuntime:
     def chat(self, model_id: str, messages: list[dict], options: ChatOptions) -> ChatResult:
         """One chat completion through the runtime (the model's own chat template builds the prompt)."""
         try:
-            with self._session(model_id, options) as session, self._request(messages) as req:
+            with self._session(model_id, options, messages) as session, self._request(messages) as req:
                 with session.process_request(req) as resp:
                     text = "".join(_texts(resp))
                     usage = resp.get_usage()
@@ -184,7 +261,7 @@ class FoundryRuntime:
         """Yields text pieces as they are generated, then one ChatResult with the usage and finish reason."""
         parts: list[str] = []
         try:
-            with self._session(model_id, options) as session, self._request(messages) as req:
+            with self._session(model_id, options, messages) as session, self._request(messages) as req:
                 session.set_streaming(True)
                 with session.process_streaming_request(req) as stream:
                     for item in stream:
