@@ -20,8 +20,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/slmops demo
 
+# Two workers; --dist loadfile keeps each test file (and its module fixtures) on one worker.
+PYTEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -rs -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import json
 import logging
@@ -44,6 +45,8 @@ from mlflow_slmops.variants import VariantSpec
 logger = logging.getLogger(__name__)
 
 CACHE_ENV = "SLMOPS_CACHE_DIR"
+# An output folder is assembled as ".<variant>.partial-<pid>-<random>" beside its place, then renamed in.
+PARTIAL_TAG = ".partial-"
 DEFAULT_CACHE_DIR = Path("~/.cache/mlflow-slmops")
 OLIVE_CONFIG_FILE = "olive_config.json"
 ENTRY_MANIFEST = "slmops_entry.json"
@@ -669,7 +672,8 @@ def _same_model(entry: Path, existing: Path, weights_sha256: str) -> bool:
 
 def _publish(entry: Path, final: Path, olive_cfg: dict, link: bool) -> None:
     """Build the output folder beside its final place, then rename it in: all of it or nothing."""
-    tmp = final.parent / f".{final.name}.partial-{uuid.uuid4().hex[:8]}"
+    _remove_dead_partials(final)
+    tmp = final.parent / f".{final.name}{PARTIAL_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir()
         for src in _entry_files(entry):
@@ -682,6 +686,27 @@ def _publish(entry: Path, final: Path, olive_cfg: dict, link: bool) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _remove_dead_partials(final: Path) -> None:
+    """Remove partial folders of this output that a killed process (SIGKILL: no cleanup ran) left behind.
+
+    The partial folder's name carries the writer's PID; one whose writer still runs is another publish at work.
+    """
+    for partial in final.parent.glob(f".{glob.escape(final.name)}{PARTIAL_TAG}*"):
+        pid = partial.name[len(f".{final.name}{PARTIAL_TAG}"):].split("-", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, but another user's
+    return True
 
 
 def _make_parents(path: Path) -> list[Path]:

@@ -188,6 +188,9 @@ def build_tiny_model(
         config = build_config(arch, vocab_size, hidden, layers, heads, kv_heads, intermediate,
                               max_positions, bos_id, eos_id)
         model = AutoModelForCausalLM.from_config(config)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a one-shard save needs no "Writing model shards" bar in the demo's output
     model.save_pretrained(str(out), safe_serialization=True)
     GenerationConfig(bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=eos_id).save_pretrained(str(out))
     return out

@@ -383,3 +383,17 @@ def test_results_serialize_to_plain_json(qwen_variants):
     data = json.loads(json.dumps(qwen_variants["int4"].to_dict()))
     assert data["spec"]["name"] == "int4" and data["status"] == "ok"
     assert data["weights_sha256"] == qwen_variants["int4"].weights_sha256
+
+
+def test_publish_removes_partial_folders_a_killed_run_left_and_keeps_a_running_ones(qwen_variants, hf_qwen,
+                                                                                    shared_cache, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = out / f".fp32{convert.PARTIAL_TAG}{2**22 + 1}-0badc0de"  # above Linux's pid_max: no such process
+    running = out / f".fp32{convert.PARTIAL_TAG}{os.getpid()}-0badc0de"
+    for folder in (dead, running):
+        folder.mkdir()
+        (folder / "model.onnx").write_bytes(b"half")
+    result = convert.convert_variant(hf_qwen, PRESETS["fp32"], out / "fp32", cache_dir=shared_cache)
+    assert result.status == "ok", result.error
+    assert sorted(p.name for p in out.iterdir()) == sorted(["fp32", running.name])
