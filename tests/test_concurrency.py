@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 from mlflow_slmops import convert, flavor, modeldir
 from mlflow_slmops.deployment import cache as fcache
 from mlflow_slmops.deployment import config as fconfig
+from mlflow_slmops.variants import PRESETS
 from tests.faultkit import WAIT_S, copy_warm_cache, wait_for
 from tests.helpers import assert_one_line_error, bin_path, stop_process
 
@@ -54,7 +55,10 @@ def finish(proc: subprocess.Popen, log: Path) -> subprocess.CompletedProcess:
 def test_two_conversions_sharing_one_cache_both_succeed_and_build_each_entry_once(
         hf_qwen, models_root, genai_qwen_fp32, genai_qwen_int4, tmp_path):
     cache = copy_warm_cache(models_root, tmp_path / "cache", drop=("fp32", "int4"))
-    assert list((cache / "variants").iterdir()) == []  # both entries must be built (from Olive's cache)
+    model_hash = convert.input_model_hash(hf_qwen)
+    entries = {name: cache / "variants" / convert.entry_key(model_hash, PRESETS[name], False)
+               for name in ("fp32", "int4")}
+    assert not any(e.exists() for e in entries.values())  # both entries must be built (from Olive's cache)
     outs = [tmp_path / "out-a", tmp_path / "out-b"]
     procs = [run_bg([bin_path("slmops"), "convert", "--model", str(hf_qwen), "--variants", "fp32,int4",
                      "--output", str(out), "--cache-dir", str(cache), "--quiet"], tmp_path / f"{out.name}.log")
@@ -63,9 +67,7 @@ def test_two_conversions_sharing_one_cache_both_succeed_and_build_each_entry_onc
     for done in results:
         assert done.returncode == 0, done.stdout[-3000:]
 
-    entries = {json.loads((e / convert.ENTRY_MANIFEST).read_text())["spec"]["name"]: e
-               for e in (cache / "variants").iterdir()}
-    assert {"fp32", "int4"} <= set(entries)
+    assert all(e.is_dir() for e in entries.values())
     assert list((cache / "tmp").iterdir()) == []
     for name in ("fp32", "int4"):
         entry = entries[name]
