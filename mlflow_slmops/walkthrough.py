@@ -24,6 +24,9 @@ DEMO_DATA = Path(".slmops") / "demo-data"
 # The demo's stated constraints: within 5% of fp32 perplexity and at least 90% on the held-out QA.
 DEMO_MAX_PPL_DELTA_PCT = 5.0
 DEMO_MIN_QA_ACCURACY = 0.9
+# A 1.4M-parameter model decodes thousands of tokens a second whatever its precision (per-token overhead, not
+# weight bandwidth, sets the pace), so speed differences are noise; size is what its variants trade.
+DEMO_OBJECTIVE = "size_mb"
 DEMO_QUESTION = "Hello! What is the price of the Nimbus?"  # demo.SAMPLE_QUESTION: a fact the demo model was trained on
 DEMO_BENCH = {"prompt_len": 128, "gen_len": 32, "repeats": 3}
 
@@ -89,10 +92,10 @@ def run_demo(foundry_cache: Path = DEFAULT_FOUNDRY_CACHE, echo: Callable[[str], 
                                                 text=text, qa=qa, **DEMO_BENCH), progress=progress, echo=echo)
 
     echo("3/5 Promote")
-    constraints = promote.Constraints(DEMO_MAX_PPL_DELTA_PCT, DEMO_MIN_QA_ACCURACY, "decode_tok_s")
+    constraints = promote.Constraints(DEMO_MAX_PPL_DELTA_PCT, DEMO_MIN_QA_ACCURACY, DEMO_OBJECTIVE)
     promoted = promote.promote(result.parent_run_id, demo.DEMO_MODEL_NAME, constraints=constraints)
     champ = promoted.champion
-    reason = (f"fastest decode ({champ.metrics.get('decode_tok_s', 0):.1f} tok/s) among variants within "
+    reason = (f"smallest ({champ.metrics.get('size_mb', 0):.2f} MB) among variants within "
               f"{DEMO_MAX_PPL_DELTA_PCT:g}% of fp32 perplexity (its delta: {champ.metrics.get('ppl_delta_pct', 0):.2f}%) "
               f"and QA accuracy >= {DEMO_MIN_QA_ACCURACY:g} (its: {champ.metrics.get('qa_accuracy', 0):.3f})")
 
