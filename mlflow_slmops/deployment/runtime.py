@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from mlflow_slmops.errors import SlmopsError
 from mlflow_slmops.deployment.cache import INFERENCE_MODEL_FILE
+from mlflow_slmops.errors import SlmopsError
 from mlflow_slmops.modeldir import GENAI_CONFIG, TOKENIZER_JSON
 
 APP_NAME = "mlflow-slmops"
@@ -89,7 +89,7 @@ class ModelDefaults:
         if (folder / TOKENIZER_JSON).is_file():
             from tokenizers import Tokenizer
 
-            with contextlib.suppress(Exception):  # a tokenizer `tokenizers` cannot read: fall back to characters
+            with contextlib.suppress(Exception):  # a tokenizer `tokenizers` cannot read: count bytes
                 tokenizer = Tokenizer.from_file(str(folder / TOKENIZER_JSON))
         return cls(search.get("do_sample") if isinstance(search.get("do_sample"), bool) else None,
                    model.get("context_length") if isinstance(model.get("context_length"), int) else None,
