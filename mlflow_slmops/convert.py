@@ -526,11 +526,12 @@ def _graph_outputs(folder: Path) -> list[str]:
     return [o.name for o in model.graph.output]
 
 
-def validate_genai_dir(folder: str | Path, spec: VariantSpec) -> dict:
+def validate_genai_dir(folder: str | Path, spec: VariantSpec) -> tuple[dict, str]:
     """Check a built variant: a complete genai folder with a ``logits`` output that loads and generates.
 
-    Build-only variants (their execution provider is not on this machine) get the folder checks only.
-    Raises SlmopsError with what failed.
+    Returns the validation record and the weights' sha256. The load-and-generate check runs in a subprocess;
+    the weights are hashed here meanwhile, on the other core. Build-only variants (their execution provider
+    is not on this machine) get the folder checks only. Raises SlmopsError with what failed.
     """
     folder = Path(folder)
     modeldir.check_genai_dir(folder)
@@ -539,17 +540,25 @@ def validate_genai_dir(folder: str | Path, spec: VariantSpec) -> dict:
         raise SlmopsError(f"{folder}: the model has no {LOGITS!r} output (outputs: {', '.join(outputs[:3])}...), "
                           "so onnxruntime-genai cannot load it", "rename the output back to logits")
     if spec.build_only:
-        return {"loaded": False, "reason": f"{spec.execution_provider} is not available on this machine"}
-    proc = subprocess.run([sys.executable, "-c", _VALIDATE_SCRIPT, str(folder), str(VALIDATE_NEW_TOKENS)],
-                          capture_output=True, text=True, timeout=VALIDATE_TIMEOUT_S)
+        return ({"loaded": False, "reason": f"{spec.execution_provider} is not available on this machine"},
+                modeldir.weights_hash(folder))
+    proc = subprocess.Popen([sys.executable, "-c", _VALIDATE_SCRIPT, str(folder), str(VALIDATE_NEW_TOKENS)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        weights_sha256 = modeldir.weights_hash(folder)
+        out, err = proc.communicate(timeout=VALIDATE_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+        last = (err.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
         raise SlmopsError(f"{folder} does not load or generate with onnxruntime-genai: {last}",
                           "check the variant's Olive passes")
-    new_tokens = json.loads(proc.stdout.strip().splitlines()[-1])["new_tokens"]
+    new_tokens = json.loads(out.strip().splitlines()[-1])["new_tokens"]
     if not new_tokens:
         raise SlmopsError(f"{folder} loads but generated no tokens", "check the variant's Olive passes")
-    return {"loaded": True, "new_tokens": len(new_tokens)}
+    return {"loaded": True, "new_tokens": len(new_tokens)}, weights_sha256
 
 
 class _CacheDirs:
@@ -610,9 +619,9 @@ def _build_entry(model_dir: Path, spec: VariantSpec, key: str, dirs: _CacheDirs,
             raise _olive_failure(log_path)
         _clean_genai_dir(built)
         stage("validate")
-        validation = validate_genai_dir(built, spec)
+        validation, weights_sha256 = validate_genai_dir(built, spec)
         manifest = {"key": key, "spec": spec.to_dict(), "build_s": build_s, "validation": validation,
-                    "weights_sha256": modeldir.weights_hash(built), "versions": tool_versions(),
+                    "weights_sha256": weights_sha256, "versions": tool_versions(),
                     "input_model": str(model_dir)}
         (built / ENTRY_MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
         os.rename(built, dirs.entry(key))
