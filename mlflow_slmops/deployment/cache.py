@@ -45,6 +45,8 @@ PROVENANCE_SCHEMA = 1
 STAGING_TAG = ".slmops-tmp-"
 TRASH_TAG = ".slmops-trash-"
 LOCK_SUFFIX = ".slmops.lock"
+# mkdir-and-lock attempts, for the moment another deploy removes an empty publisher folder between the two.
+LOCK_ATTEMPTS = 3
 MAX_NAME_LEN = 200
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 DEFAULT_CACHE = Path("~/.foundry/cache/models")
@@ -239,15 +241,20 @@ class FoundryCache:
 
         pub = self.publisher_dir(publisher)
         created = not pub.exists()
-        pub.mkdir(parents=True, exist_ok=True)
         lock = filelock.FileLock(str(pub / f"{name}{LOCK_SUFFIX}"), timeout=0)
-        try:
-            lock.acquire()
-        except filelock.Timeout:
-            raise SlmopsError(
-                f"deployment {name} is being written by another process (lock {lock.lock_file})",
-                "wait for the other deploy to finish, then retry",
-            )
+        for attempt in range(LOCK_ATTEMPTS):
+            pub.mkdir(parents=True, exist_ok=True)
+            try:
+                lock.acquire()
+                break
+            except filelock.Timeout:
+                raise SlmopsError(
+                    f"deployment {name} is being written by another process (lock {lock.lock_file})",
+                    "wait for the other deploy to finish, then retry",
+                )
+            except FileNotFoundError:  # another deploy removed the empty publisher folder just now: make it again
+                if attempt == LOCK_ATTEMPTS - 1:
+                    raise
         try:
             yield
         finally:
