@@ -90,15 +90,6 @@ ANSWERS = {
     "battery": "The {name} battery lasts {value}.",
 }
 
-# How each attribute is named in a question; the first name is the one held-out questions use.
-ATTRIBUTE_NOUNS = {
-    "price": ("price", "cost"),
-    "color": ("color", "colour"),
-    "weight": ("weight", "weight"),
-    "warranty": ("warranty", "guarantee"),
-    "battery": ("battery life", "battery runtime"),
-}
-
 # Questions are frames with a slot. Every frame is trained with most attributes and held out for a few,
 # so a held-out question is a new sentence made of known parts; the model must read the attribute word,
 # not recognise the sentence. Noun frames take an attribute noun ({a}), clause frames an embedded
@@ -115,6 +106,7 @@ CLAUSE_FRAMES = (
     "Tell me {c}.", "Do you know {c}?", "Could you tell me {c}?", "I wonder {c}.", "Please find out {c}.",
     "Can you check {c}?", "I'd like to know {c}.", "Any idea {c}?", "Let me know {c}.", "I want to know {c}.",
 )
+# How each attribute is named in a question; the first name is the one held-out questions use.
 ATTRIBUTE_NOUNS = {
     "price": ("price", "cost"),
     "color": ("color", "colour"),
