@@ -269,7 +269,7 @@ def input_model_hash(model_dir: str | Path, cache_dir: str | Path | None = None)
     """
     model_dir = Path(model_dir).resolve()
     memo_path = Path(cache_dir) / "input-hashes.json" if cache_dir else None
-    memo = _read_json_or_empty(memo_path)
+    memo = modeldir.read_json_or_empty(memo_path)
     digest = hashlib.sha256()
     changed = False
     for path in _input_files(model_dir):
@@ -295,16 +295,6 @@ def entry_key(input_hash: str, spec: VariantSpec, trust_remote_code: bool = Fals
     body = {"input": input_hash, "spec": spec_body, "versions": tool_versions(), "recipe": RECIPE_VERSION,
             "trust_remote_code": trust_remote_code}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-
-
-def _read_json_or_empty(path: Path | None) -> dict:
-    if path is None or not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
@@ -588,13 +578,14 @@ class _CacheDirs:
             # Olive writes run.json only after a pass finished: a run folder without it is incomplete.
             # A failed pass is cached as model.json == {} and never retried: drop it so a full disk or
             # an interrupted build is retried on the next sweep.
-            if run.is_dir() and (not (run / "run.json").is_file() or _read_json_or_empty(run / "model.json") == {}):
+            finished = (run / "run.json").is_file() and modeldir.read_json_or_empty(run / "model.json") != {}
+            if run.is_dir() and not finished:
                 shutil.rmtree(run, ignore_errors=True)
 
 
 def complete_entry(entry: Path) -> dict | None:
     """The manifest of a finished cache entry, or None if there is none."""
-    manifest = _read_json_or_empty(entry / ENTRY_MANIFEST)
+    manifest = modeldir.read_json_or_empty(entry / ENTRY_MANIFEST)
     return manifest or None
 
 
@@ -802,7 +793,7 @@ def convert_variant(model_dir: str | Path, spec: VariantSpec, output_dir: str | 
         olive_cfg = reproduction_config(model_dir, spec, trust_remote_code)
         if final.exists():
             if not _same_model(dirs.entry(key), final, manifest["weights_sha256"]) or \
-                    _read_json_or_empty(final / OLIVE_CONFIG_FILE) != olive_cfg:
+                    modeldir.read_json_or_empty(final / OLIVE_CONFIG_FILE) != olive_cfg:
                 raise SlmopsError(f"{final} already exists and holds something else",
                                   "pass another --output folder, or move that folder away")
         else:

@@ -41,6 +41,17 @@ class GenaiDirInfo:
         return asdict(self)
 
 
+def read_json_or_empty(path: Path | None) -> dict:
+    """A JSON object from path, or {} when it is missing, unreadable, not JSON or not an object."""
+    if path is None or not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # ValueError: bad JSON, or bytes that are not UTF-8
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def _read_json(path: Path, what: str) -> dict:
     try:
         text = path.read_text(encoding="utf-8")

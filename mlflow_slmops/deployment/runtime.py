@@ -13,7 +13,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Iterator
 
 from mlflow_slmops.deployment.cache import INFERENCE_MODEL_FILE
 from mlflow_slmops.errors import SlmopsError
-from mlflow_slmops.modeldir import GENAI_CONFIG, TOKENIZER_JSON
+from mlflow_slmops.modeldir import GENAI_CONFIG, TOKENIZER_JSON, read_json_or_empty
 
 APP_NAME = "mlflow-slmops"
 TASK = "chat-completion"
@@ -82,9 +81,9 @@ class ModelDefaults:
 
     @classmethod
     def read(cls, folder: Path) -> "ModelDefaults":
-        config = _read_json(folder / GENAI_CONFIG)
+        config = read_json_or_empty(folder / GENAI_CONFIG)
         search, model = config.get("search", {}), config.get("model", {})
-        template = _read_json(folder / INFERENCE_MODEL_FILE).get("PromptTemplate", {})
+        template = read_json_or_empty(folder / INFERENCE_MODEL_FILE).get("PromptTemplate", {})
         tokenizer = None
         if (folder / TOKENIZER_JSON).is_file():
             from tokenizers import Tokenizer
@@ -112,14 +111,6 @@ class ModelDefaults:
             return None
         left = self.context_length - self.prompt_tokens(messages)
         return min(FOUNDRY_DEFAULT_OUTPUT_TOKENS, left) if left > 0 else None
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 class FoundryRuntime:
