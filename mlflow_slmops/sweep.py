@@ -32,6 +32,8 @@ SPOOL_DIRNAME = ".spool"
 # Logging retries on top of MLflow's own HTTP retries: attempts and the first back-off.
 LOG_ATTEMPTS = 3
 LOG_BACKOFF_S = 2.0
+# Runs per search request when listing a sweep's variant runs; later pages follow the page token.
+SEARCH_PAGE_SIZE = 1000
 
 
 @dataclass
@@ -148,7 +150,7 @@ class Spool:
         self.path(variant).unlink(missing_ok=True)
 
 
-def variant_runs(client, sweep_run_id: str, page_size: int = 1000) -> list:
+def variant_runs(client, sweep_run_id: str) -> list:
     """Every variant (child) run of a sweep run, paging through the search; errors as `get_sweep_run`."""
     sweep = get_sweep_run(client, sweep_run_id)
     runs, token = [], None
@@ -156,7 +158,7 @@ def variant_runs(client, sweep_run_id: str, page_size: int = 1000) -> list:
         page = client.search_runs(
             [sweep.info.experiment_id],
             filter_string=f"tags.mlflow.parentRunId = '{sweep_run_id}' and tags.`{M.ROLE_TAG}` = '{M.ROLE_VARIANT}'",
-            max_results=page_size, page_token=token,
+            max_results=SEARCH_PAGE_SIZE, page_token=token,
         )
         runs.extend(page)
         token = page.token
