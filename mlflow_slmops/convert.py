@@ -9,10 +9,14 @@ Layout of the cache folder (``~/.cache/mlflow-slmops`` or ``$SLMOPS_CACHE_DIR``)
 
     olive/                 Olive's own cache_dir, shared by every workflow
     variants/<key>/        complete, validated genai folders (appear by an atomic rename only)
-    tmp/                   builds in flight; anything here without the lock holder is debris
+    tmp/<key>-<pid>-<rnd>/ builds in flight; one whose process is gone is debris, removed by the next build
     logs/<variant>-<key>.log   what Olive and the builder printed for the last build of that key
+    locks/<key>.lock       held from a variant's build until its entry is stored, so each entry is built once
     input-hashes.json      per-file sha256 memo keyed by path, size, mtime and inode
-    convert.lock           held while Olive writes, so concurrent sweeps never share a half-built run
+    convert.lock           held while Olive runs, so concurrent sweeps never share a half-built Olive run
+
+``convert_variants`` overlaps the two halves of the work on two cores: while Olive builds the next variant,
+a second thread validates the last one (load and generate, in a subprocess) and publishes it.
 
 Output folders are built beside their final place and renamed into it, so a failure, Ctrl-C or a full
 disk never leaves a partial variant folder.
@@ -31,9 +35,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Callable, Iterator
@@ -67,6 +73,10 @@ TOOL_PACKAGES = ("olive-ai", "onnxruntime-genai", "onnxruntime")
 REPRODUCE_OUTPUT_DIR = "olive-output"
 _HASH_CHUNK = 1 << 20
 PUBLISHED_FILE_MODE = 0o644
+# A build folder in tmp/ is named "<key prefix>-<pid>-<random>", so debris cleanup can spare live builds.
+WORK_PID_SEP = "-"
+# How often a validation wait checks whether the conversion was interrupted.
+CANCEL_POLL_S = 0.2
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
 # Stages reported to the progress bar, in order.
@@ -412,12 +422,50 @@ def _captured_output(log_path: Path) -> Iterator[None]:
                         handler.setStream(real_stderr)
 
 
-def _run_olive(config: dict, log_path: Path) -> None:
+def _run_olive(config: dict, log_path: Path) -> list[tuple[Path, Path]]:
+    """Run one Olive workflow; returns the (source, destination) folder copies of its output it left to us."""
     _quiet_olive_telemetry()
     from olive.workflows import run as olive_run
 
-    with _olive_speedups(), _captured_output(log_path):
+    deferred: list[tuple[Path, Path]] = []
+    with _olive_speedups(), _deferred_output_copy(deferred), _captured_output(log_path):
         olive_run(config)
+    return deferred
+
+
+@contextlib.contextmanager
+def _deferred_output_copy(deferred: list[tuple[Path, Path]]) -> Iterator[None]:
+    """Olive's last step copies the output model from its cache into output_dir: 2.4 GB for a 0.5B fp32
+    model, several seconds. Record those folder copies instead, so the caller makes them on its validating
+    thread while Olive already builds the next variant from the cached export (see ``_finish_copies``).
+    """
+    import olive.resource_path as resource_path
+    from olive.cache import OliveCache
+
+    original_save, original_copy_dir = OliveCache.save_model, resource_path.copy_dir
+
+    def record_copy(src_dir, dst_dir, **_kwargs):
+        Path(dst_dir).mkdir(parents=True, exist_ok=True)
+        deferred.append((Path(src_dir), Path(dst_dir)))
+
+    def save_model(self, *args, **kwargs):  # only the final save's folder copies are deferred
+        resource_path.copy_dir = record_copy
+        try:
+            return original_save(self, *args, **kwargs)
+        finally:
+            resource_path.copy_dir = original_copy_dir
+
+    OliveCache.save_model = save_model
+    try:
+        yield
+    finally:
+        OliveCache.save_model = original_save
+
+
+def _finish_copies(deferred: list[tuple[Path, Path]]) -> None:
+    """Make the output copies Olive left to us (never links: Olive's next pass refuses linked external data)."""
+    for src, dst in deferred:
+        shutil.copytree(src, dst, dirs_exist_ok=True)
 
 
 def _quiet_olive_telemetry() -> None:
@@ -516,12 +564,14 @@ def _graph_outputs(folder: Path) -> list[str]:
     return [o.name for o in model.graph.output]
 
 
-def validate_genai_dir(folder: str | Path, spec: VariantSpec) -> tuple[dict, str]:
+def validate_genai_dir(folder: str | Path, spec: VariantSpec,
+                       cancel: threading.Event | None = None) -> tuple[dict, str]:
     """Check a built variant: a complete genai folder with a ``logits`` output that loads and generates.
 
     Returns the validation record and the weights' sha256. The load-and-generate check runs in a subprocess;
     the weights are hashed here meanwhile, on the other core. Build-only variants (their execution provider
-    is not on this machine) get the folder checks only. Raises SlmopsError with what failed.
+    is not on this machine) get the folder checks only. Raises SlmopsError with what failed, and
+    ``Cancelled`` (the subprocess killed) once ``cancel`` is set.
     """
     folder = Path(folder)
     modeldir.check_genai_dir(folder)
@@ -536,7 +586,7 @@ def validate_genai_dir(folder: str | Path, spec: VariantSpec) -> tuple[dict, str
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         weights_sha256 = modeldir.weights_hash(folder)
-        out, err = proc.communicate(timeout=VALIDATE_TIMEOUT_S)
+        out, err = _communicate(proc, cancel)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -551,6 +601,23 @@ def validate_genai_dir(folder: str | Path, spec: VariantSpec) -> tuple[dict, str
     return {"loaded": True, "new_tokens": len(new_tokens)}, weights_sha256
 
 
+class Cancelled(BaseException):
+    """The conversion this work belonged to was interrupted (Ctrl-C): stop, clean up, publish nothing."""
+
+
+def _communicate(proc: subprocess.Popen, cancel: threading.Event | None) -> tuple[str, str]:
+    """proc.communicate(), given up (and raised as Cancelled) as soon as cancel is set."""
+    deadline = time.monotonic() + VALIDATE_TIMEOUT_S
+    while True:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled()
+        try:
+            return proc.communicate(timeout=CANCEL_POLL_S if cancel is not None else VALIDATE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            if time.monotonic() > deadline:
+                raise
+
+
 class _CacheDirs:
     """Paths inside the conversion cache folder."""
 
@@ -560,19 +627,29 @@ class _CacheDirs:
         self.entries = root / "variants"
         self.tmp = root / "tmp"
         self.logs = root / "logs"
+        self.locks = root / "locks"
         self.lock = root / "convert.lock"
 
     def entry(self, key: str) -> Path:
         return self.entries / key
 
     def make(self) -> None:
-        for d in (self.olive, self.entries, self.tmp, self.logs):
+        for d in (self.olive, self.entries, self.tmp, self.logs, self.locks):
             d.mkdir(parents=True, exist_ok=True)
 
+    def work_dir(self, key: str) -> Path:
+        """A new folder in tmp/ for one build; its name carries this process's PID (see remove_debris)."""
+        return Path(tempfile.mkdtemp(prefix=f"{key[:16]}{WORK_PID_SEP}{os.getpid()}{WORK_PID_SEP}", dir=self.tmp))
+
     def remove_debris(self) -> None:
-        """Under the lock, nothing may be half-written: drop leftovers of killed runs."""
+        """Under the Olive lock: drop what killed runs left half-written.
+
+        A build folder in tmp/ whose process still runs is being validated (outside the lock): keep it.
+        """
         for stale in self.tmp.iterdir() if self.tmp.is_dir() else ():
-            shutil.rmtree(stale, ignore_errors=True)
+            pid = stale.name.split(WORK_PID_SEP)[1] if stale.name.count(WORK_PID_SEP) >= 2 else ""
+            if not (pid.isdigit() and _process_alive(int(pid))):
+                shutil.rmtree(stale, ignore_errors=True)
         runs = self.olive / "default_workflow" / "runs"
         for run in runs.iterdir() if runs.is_dir() else ():
             # Olive writes run.json only after a pass finished: a run folder without it is incomplete.
@@ -589,40 +666,145 @@ def complete_entry(entry: Path) -> dict | None:
     return manifest or None
 
 
-def _build_entry(model_dir: Path, spec: VariantSpec, key: str, dirs: _CacheDirs, trust_remote_code: bool,
-                 stage: Callable[[str], None]) -> dict:
-    """Run the variant's Olive workflow and validate it; publish it as cache entry <key> by one rename."""
-    work = Path(tempfile.mkdtemp(prefix=f"{key[:16]}-", dir=dirs.tmp))
-    built = work / "model"
-    log_path = dirs.logs / f"{spec.name}-{key[:12]}.log"
+@dataclass
+class _Job:
+    """One variant on its way from the cache lookup or Olive build to its published output folder."""
+
+    spec: VariantSpec
+    model_dir: Path
+    final: Path
+    dirs: _CacheDirs
+    trust_remote_code: bool
+    link: bool
+    stage: Callable[[str], None]
+    start: float = field(default_factory=time.perf_counter)
+    key: str = ""
+    manifest: dict | None = None  # the cache entry's manifest, once there is one
+    cached: bool = False
+    work: Path | None = None  # tmp/ folder of a build not yet validated
+    deferred: list = field(default_factory=list)  # Olive's output copies into work/model, still to make
+    build_s: float | None = None
+    key_lock: object = None  # held from the build until the entry is stored, so each entry is built once
+
+
+def _look_up_or_build(job: _Job) -> None:
+    """Find the variant's cache entry, else build it with Olive; a built job holds its key lock on return."""
+    dirs = job.dirs
+    dirs.make()
+    job.stage(STAGES[0])
+    job.key = entry_key(input_model_hash(job.model_dir, dirs.root), job.spec, job.trust_remote_code)
+    job.manifest = complete_entry(dirs.entry(job.key))
+    if job.manifest:
+        job.cached = True
+        return
     try:
-        stage(f"olive {_pass_chain(spec)}")
-        start = time.perf_counter()
-        config = olive_config(model_dir, spec, str(built), str(dirs.olive), trust_remote_code)
-        try:
-            _run_olive(config, log_path)
-        except OSError:
-            raise  # a full disk or a permission problem: reported as such
-        except Exception as exc:
-            raise SlmopsError(f"Olive failed: {type(exc).__name__}: {exc}", f"see the log {log_path}") from exc
-        build_s = time.perf_counter() - start
-        if not (built / modeldir.GENAI_CONFIG).is_file():
-            raise _olive_failure(log_path)
-        _clean_genai_dir(built)
-        stage("validate")
-        validation, weights_sha256 = validate_genai_dir(built, spec)
-        manifest = {"key": key, "spec": spec.to_dict(), "build_s": build_s, "validation": validation,
-                    "weights_sha256": weights_sha256, "versions": tool_versions(),
-                    "input_model": str(model_dir)}
-        (built / ENTRY_MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-        os.rename(built, dirs.entry(key))
-        return manifest
+        job.key_lock = _acquire_key_lock(dirs, job.key)
+        job.manifest = complete_entry(dirs.entry(job.key))  # another sweep may have built it while we waited
+        if job.manifest:
+            job.cached = True
+            return
+        _olive_build(job)
     except BaseException:
-        dirs.remove_debris()  # we hold the lock, so every incomplete Olive run is ours
+        _discard(job)
+        raise
+
+
+def _acquire_key_lock(dirs: _CacheDirs, key: str):
+    from filelock import FileLock
+
+    lock = FileLock(str(dirs.locks / f"{key}.lock"), thread_local=False)  # released by the validating thread
+    lock.acquire()
+    return lock
+
+
+def _olive_build(job: _Job) -> None:
+    """Run the variant's Olive workflow into job.work/model, under the Olive lock (one Olive run at a time)."""
+    from filelock import FileLock
+
+    dirs, spec = job.dirs, job.spec
+    job.work = dirs.work_dir(job.key)
+    built = job.work / "model"
+    log_path = dirs.logs / f"{spec.name}-{job.key[:12]}.log"
+    try:
+        with FileLock(str(dirs.lock)):
+            dirs.remove_debris()
+            try:
+                job.stage(f"olive {_pass_chain(spec)}")
+                start = time.perf_counter()
+                config = olive_config(job.model_dir, spec, str(built), str(dirs.olive), job.trust_remote_code)
+                job.deferred = _run_olive(config, log_path)
+                job.build_s = time.perf_counter() - start
+                if not any((src / modeldir.GENAI_CONFIG).is_file() for src, _ in job.deferred) and \
+                        not (built / modeldir.GENAI_CONFIG).is_file():
+                    raise _olive_failure(log_path)  # Olive logged a failed pass and cached it as an empty model
+            except BaseException as exc:
+                dirs.remove_debris()  # we hold the lock, so every incomplete Olive run is ours
+                # A full disk stays an OSError, reported as such; anything else Olive raised gets the log's path.
+                if isinstance(exc, Exception) and not isinstance(exc, (OSError, SlmopsError)):
+                    raise SlmopsError(f"Olive failed: {type(exc).__name__}: {exc}", f"see the log {log_path}") from exc
+                raise
+    finally:
+        release_memory()
+
+
+def _store_entry(job: _Job, cancel: threading.Event | None) -> dict:
+    """Make Olive's deferred output copies, validate the variant and store it as cache entry <key> by one rename."""
+    built = job.work / "model"
+    job.stage("validate")
+    _finish_copies(job.deferred)
+    _clean_genai_dir(built)
+    validation, weights_sha256 = validate_genai_dir(built, job.spec, cancel)
+    manifest = {"key": job.key, "spec": job.spec.to_dict(), "build_s": job.build_s, "validation": validation,
+                "weights_sha256": weights_sha256, "versions": tool_versions(), "input_model": str(job.model_dir)}
+    (built / ENTRY_MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    os.rename(built, job.dirs.entry(job.key))
+    return manifest
+
+
+def _discard(job: _Job) -> None:
+    """Drop the job's build folder and release its key lock (the lock file is removed while still held)."""
+    if job.work is not None:
+        shutil.rmtree(job.work, ignore_errors=True)
+        job.work = None
+    if job.key_lock is not None:
+        Path(job.key_lock.lock_file).unlink(missing_ok=True)
+        job.key_lock.release()
+        job.key_lock = None
+
+
+def _finish(job: _Job, cancel: threading.Event | None = None) -> ConversionResult:
+    """Validate and store a fresh build, then publish the output folder; a failure becomes a failed result."""
+    created: list[Path] = []
+    final = job.final
+    try:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled()
+        if job.manifest is None:
+            job.manifest = _store_entry(job, cancel)
+        if cancel is not None and cancel.is_set():
+            raise Cancelled()
+        job.stage(STAGES[3])
+        created = _make_parents(final.parent)
+        olive_cfg = reproduction_config(job.model_dir, job.spec, job.trust_remote_code)
+        if final.exists():
+            if not _same_model(job.dirs.entry(job.key), final, job.manifest["weights_sha256"]) or \
+                    modeldir.read_json_or_empty(final / OLIVE_CONFIG_FILE) != olive_cfg:
+                raise SlmopsError(f"{final} already exists and holds something else",
+                                  "pass another --output folder, or move that folder away")
+        else:
+            _publish(job.dirs.entry(job.key), final, olive_cfg, job.link)
+    except Exception as exc:
+        _remove_if_empty(created)
+        return _failed(job.spec, _error_text(exc), job.start)
+    except BaseException:
+        _remove_if_empty(created)
         raise
     finally:
-        shutil.rmtree(work, ignore_errors=True)
-        release_memory()
+        _discard(job)
+    return ConversionResult(job.spec, STATUS_OK, str(final), None, time.perf_counter() - job.start,
+                            modeldir.dir_size_bytes(final), job.manifest["weights_sha256"],
+                            str(final / OLIVE_CONFIG_FILE), job.cached, job.spec.build_only,
+                            job.manifest.get("build_s"))
 
 
 def release_memory() -> None:
@@ -775,60 +957,34 @@ def convert_variant(model_dir: str | Path, spec: VariantSpec, output_dir: str | 
         >>> r.status, r.output_dir  # doctest: +SKIP
         ('ok', './out/int4')
     """
-    start = time.perf_counter()
     stage = on_stage or (lambda _name: None)
+    job = _new_job(model_dir, spec, output_dir, cache_dir, trust_remote_code, link, stage)
+    try:
+        _look_up_or_build(job)
+    except Exception as exc:
+        return _failed(spec, _error_text(exc), job.start)
+    return _finish(job)
+
+
+def _new_job(model_dir, spec: VariantSpec, output_dir, cache_dir, trust_remote_code: bool, link: bool,
+             stage: Callable[[str], None]) -> _Job:
+    """Check the input every variant shares (raises SlmopsError) and start the variant's clock."""
+    start = time.perf_counter()
     model_dir = Path(model_dir).resolve()
     final = Path(output_dir).absolute()
     check_hf_model_dir(model_dir, trust_remote_code)
     _check_output_path(final)
     dirs = _CacheDirs(Path(cache_dir).expanduser().absolute() if cache_dir else default_cache_dir())
-    created: list[Path] = []
-    try:
-        dirs.make()
-        stage(STAGES[0])
-        key = entry_key(input_model_hash(model_dir, dirs.root), spec, trust_remote_code)
-        manifest, cached = _cached_or_built(model_dir, spec, key, dirs, trust_remote_code, stage)
-        stage(STAGES[3])
-        created = _make_parents(final.parent)
-        olive_cfg = reproduction_config(model_dir, spec, trust_remote_code)
-        if final.exists():
-            if not _same_model(dirs.entry(key), final, manifest["weights_sha256"]) or \
-                    modeldir.read_json_or_empty(final / OLIVE_CONFIG_FILE) != olive_cfg:
-                raise SlmopsError(f"{final} already exists and holds something else",
-                                  "pass another --output folder, or move that folder away")
-        else:
-            _publish(dirs.entry(key), final, olive_cfg, link)
-    except Exception as exc:
-        _remove_if_empty(created)
-        return _failed(spec, _error_text(exc), start)
-    except BaseException:
-        _remove_if_empty(created)
-        raise
-    return ConversionResult(spec, STATUS_OK, str(final), None, time.perf_counter() - start,
-                            modeldir.dir_size_bytes(final), manifest["weights_sha256"],
-                            str(final / OLIVE_CONFIG_FILE), cached, spec.build_only, manifest.get("build_s"))
-
-
-def _cached_or_built(model_dir: Path, spec: VariantSpec, key: str, dirs: _CacheDirs, trust_remote_code: bool,
-                     stage: Callable[[str], None]) -> tuple[dict, bool]:
-    """The cache entry for key: read if complete, else built under the cross-process lock."""
-    from filelock import FileLock
-
-    manifest = complete_entry(dirs.entry(key))
-    if manifest:
-        return manifest, True
-    with FileLock(str(dirs.lock)):
-        manifest = complete_entry(dirs.entry(key))  # another sweep may have built it while we waited
-        if manifest:
-            return manifest, True
-        dirs.remove_debris()
-        return _build_entry(model_dir, spec, key, dirs, trust_remote_code, stage), False
+    return _Job(spec, model_dir, final, dirs, trust_remote_code, link, stage, start)
 
 
 def convert_variants(model_dir: str | Path, specs: list[VariantSpec], output_dir: str | Path, *,
                      cache_dir: str | Path | None = None, trust_remote_code: bool = False,
                      progress: bool = True, link: bool = True) -> list[ConversionResult]:
     """Convert every variant into ``output_dir/<variant name>/``; one failure never stops the others.
+
+    Olive builds one variant at a time in this process; while it builds the next one, a second thread
+    validates the last one (its load-and-generate subprocess runs on the other core) and publishes it.
 
     Args:
         model_dir: the Hugging Face model folder.
@@ -848,6 +1004,8 @@ def convert_variants(model_dir: str | Path, specs: list[VariantSpec], output_dir
         >>> [(r.spec.name, r.status) for r in results]  # doctest: +SKIP
         [('fp32', 'ok'), ('int4', 'ok')]
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from mlflow_slmops.progress import make_progress
 
     check_hf_model_dir(model_dir, trust_remote_code)
@@ -855,22 +1013,57 @@ def convert_variants(model_dir: str | Path, specs: list[VariantSpec], output_dir
     root = Path(output_dir).absolute()
     _check_output_path(root / "x")
     created = _make_parents(root)
-    results: list[ConversionResult] = []
+    cancel = threading.Event()
     try:
-        with make_progress(progress) as bars:
-            overall = bars.add_task("variants", total=len(specs))
-            for spec in specs:
-                task = bars.add_task(f"{spec.name}: queued", total=len(STAGES))
-                result = convert_variant(model_dir, spec, root / spec.name, cache_dir=cache_dir,
-                                         trust_remote_code=trust_remote_code, link=link,
-                                         on_stage=_stage_reporter(bars, task, spec.name))
-                bars.update(task, completed=len(STAGES), description=f"{spec.name}: {result.status}")
-                bars.advance(overall)
-                _log_result(result, bars.console if progress else None)
-                results.append(result)
+        with make_progress(progress) as bars, ThreadPoolExecutor(1, thread_name_prefix="slmops-validate") as pool:
+            reporter = _InOrderReporter(bars, len(specs), progress)
+            try:
+                for spec in specs:
+                    task = bars.add_task(f"{spec.name}: queued", total=len(STAGES))
+                    job = _new_job(model_dir, spec, root / spec.name, cache_dir, trust_remote_code, link,
+                                   _stage_reporter(bars, task, spec.name))
+                    try:
+                        _look_up_or_build(job)
+                    except Exception as exc:
+                        reporter.add(task, _done(_failed(spec, _error_text(exc), job.start)))
+                    else:
+                        reporter.add(task, pool.submit(_finish, job, cancel))
+                    reporter.report(wait=False)
+                reporter.report(wait=True)
+            except BaseException:
+                cancel.set()  # the validating thread kills its subprocess and removes what it had not published
+                raise
     finally:
         _remove_if_empty(created)  # a run where nothing was written leaves no empty output folder
-    return results
+    return reporter.results
+
+
+def _done(result: ConversionResult) -> Future:
+    future: Future = Future()
+    future.set_result(result)
+    return future
+
+
+class _InOrderReporter:
+    """Finishes the variants' bars and log lines in the order the variants were given."""
+
+    def __init__(self, bars, total: int, progress: bool):
+        self.bars, self.console = bars, bars.console if progress else None
+        self.overall = bars.add_task("variants", total=total)
+        self.pending: list[tuple[object, Future]] = []
+        self.results: list[ConversionResult] = []
+
+    def add(self, task, future: Future) -> None:
+        self.pending.append((task, future))
+
+    def report(self, wait: bool) -> None:
+        while self.pending and (wait or self.pending[0][1].done()):
+            task, future = self.pending.pop(0)
+            result = future.result()
+            self.bars.update(task, completed=len(STAGES), description=f"{result.spec.name}: {result.status}")
+            self.bars.advance(self.overall)
+            _log_result(result, self.console)
+            self.results.append(result)
 
 
 def _stage_reporter(bars, task, name: str) -> Callable[[str], None]:

@@ -53,8 +53,9 @@ def _incomplete_olive_runs(cache: Path) -> list[Path]:
 
 
 def _assert_cache_holds_only_complete_entries(cache: Path) -> None:
-    if (cache / "tmp").is_dir():
-        assert list((cache / "tmp").iterdir()) == []
+    for folder in ("tmp", "locks"):  # no build in flight, no key lock left behind
+        if (cache / folder).is_dir():
+            assert list((cache / folder).iterdir()) == []
     assert _incomplete_olive_runs(cache) == []
     for entry in (cache / "variants").iterdir() if (cache / "variants").is_dir() else ():
         manifest = json.loads((entry / convert.ENTRY_MANIFEST).read_text())
@@ -144,7 +145,7 @@ def test_without_the_rename_genai_refuses_the_quantized_model(hf_qwen, shared_ca
     out = tmp_path / "no-rename"
     config = convert.olive_config(hf_qwen, PRESETS["int4"], str(out), str(shared_cache / "olive"))
     del config["passes"]["keep_logits_name"]
-    convert._run_olive(config, tmp_path / "olive.log")
+    convert._finish_copies(convert._run_olive(config, tmp_path / "olive.log"))  # Olive leaves its output copy to us
     assert "logits_Q4" in _graph_outputs(out)
     with pytest.raises(Exception, match="Model output was not found: logits"):
         _generate(out)
@@ -397,3 +398,61 @@ def test_publish_removes_partial_folders_a_killed_run_left_and_keeps_a_running_o
     result = convert.convert_variant(hf_qwen, PRESETS["fp32"], out / "fp32", cache_dir=shared_cache)
     assert result.status == "ok", result.error
     assert sorted(p.name for p in out.iterdir()) == sorted(["fp32", running.name])
+
+
+def _validation_children(pid: int) -> list:
+    """The load-and-generate check subprocesses running under pid."""
+    import psutil
+
+    found = []
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            if convert._VALIDATE_SCRIPT in child.cmdline():
+                found.append(child)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def test_ctrl_c_while_one_variant_validates_and_the_next_builds_leaves_no_process_and_nothing_partial(
+        tmp_path, hf_qwen):
+    import psutil
+
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    proc = subprocess.Popen([bin_path("slmops"), "convert", "--model", str(hf_qwen), "--variants", "fp32,int8,int4",
+                             "--output", str(out), "--cache-dir", str(cache), "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + SIGINT_WAIT_S
+    # Wait for the overlap: a variant's load-and-generate check running while Olive builds the next one.
+    while not (validating := _validation_children(proc.pid)):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no validation subprocess ever ran"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=SIGINT_WAIT_S)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Interrupted" in stderr and "Traceback" not in stderr
+    for child in validating:  # killed and reaped, not orphaned
+        assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+    leftovers = [p.name for p in out.iterdir()] if out.exists() else []
+    assert not [n for n in leftovers if n.startswith(".")], leftovers
+    for name in leftovers:  # a variant whose check ended before the signal reached Python may be published whole
+        modeldir.check_genai_dir(out / name)
+    _assert_cache_holds_only_complete_entries(cache)
+
+
+def test_a_build_removes_debris_of_dead_builds_and_keeps_the_folder_of_a_live_one(qwen_variants, hf_qwen, models_root,
+                                                                                   tmp_path):
+    from tests.faultkit import copy_warm_cache
+
+    cache = copy_warm_cache(models_root, tmp_path / "cache", drop=("int4",))  # int4 must be built (Olive)
+    dead = cache / "tmp" / f"0123456789abcdef-{2**22 + 1}-zz"  # above Linux's pid_max: no such process
+    live = cache / "tmp" / f"0123456789abcdef-{os.getpid()}-zz"  # another sweep validating this build
+    for folder in (dead, live):
+        (folder / "model").mkdir(parents=True)
+        (folder / "model" / "model.onnx").write_bytes(b"half")
+    result = convert.convert_variant(hf_qwen, PRESETS["int4"], tmp_path / "out" / "int4", cache_dir=cache)
+    assert result.status == "ok" and not result.cached, result.error
+    assert [p.name for p in (cache / "tmp").iterdir()] == [live.name]
+    assert (live / "model" / "model.onnx").read_bytes() == b"half"
+    assert list((cache / "locks").iterdir()) == []
