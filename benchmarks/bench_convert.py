@@ -7,6 +7,8 @@ each measurement a fresh subprocess with its own empty cache, timed wall-clock. 
 
 - **sweep**: `convert_variants(fp32,int8,int4,int4-b128-asym)`, one process, in-process Olive workflows
   sharing one Olive cache, each variant validated (loads, generates);
+- **sweep, no overlap**: the same four through `convert_variant` one after another, each validated before
+  the next build starts (what the sweep did before it overlapped validation with the next build);
 - **sweep, cached**: the same sweep again with the same cache into a new output folder;
 - **single**: our converter on one variant at a time (fresh cache each): the largest one is the memory reference;
 - **olive auto-opt**: `olive auto-opt --use_model_builder --precision fp32|int4`; int4-b128-asym is the same
@@ -19,7 +21,7 @@ Goals (issue 3): sweep <= 0.6 x the three standalone Olive runs; cached sweep < 
 sweep peak tree RSS <= 1.2 x the largest single conversion's.
 
 Run:  .venv/bin/python benchmarks/bench_convert.py [--work DIR] [--keep]
-      (writes benchmarks/out/convert.{json,md}; about 15-25 minutes on 2 cores, ~40 GB of scratch disk)
+      (writes benchmarks/out/convert.{json,md}; about 9 minutes on 2 cores, ~40 GB of scratch disk)
 """
 
 from __future__ import annotations
@@ -55,10 +57,14 @@ ENV = {**os.environ, "OLIVE_DISABLE_TELEMETRY": "1", "CI": "1", "HF_HUB_OFFLINE"
 
 SWEEP_CODE = """
 import json, sys
-from mlflow_slmops.convert import convert_variants
+from pathlib import Path
+from mlflow_slmops.convert import convert_variant, convert_variants
 from mlflow_slmops.variants import resolve_variants
-model, variants, out, cache, result_path = sys.argv[1:6]
-results = convert_variants(model, resolve_variants(variants), out, cache_dir=cache, progress=False)
+model, variants, out, cache, result_path, mode = sys.argv[1:7]
+if mode == "overlap":
+    results = convert_variants(model, resolve_variants(variants), out, cache_dir=cache, progress=False)
+else:  # one variant at a time: each validated before the next build starts
+    results = [convert_variant(model, s, Path(out) / s.name, cache_dir=cache) for s in resolve_variants(variants)]
 json.dump([r.to_dict() for r in results], open(result_path, "w"), indent=2)
 sys.exit(0 if all(r.status == "ok" for r in results) else 1)
 """
@@ -118,10 +124,10 @@ def measure(name: str, cmd: list[str], cwd: Path | None = None) -> dict:
     return row
 
 
-def our_convert(model: Path, variants: list[str], out: Path, cache: Path, name: str) -> dict:
+def our_convert(model: Path, variants: list[str], out: Path, cache: Path, name: str, mode: str = "overlap") -> dict:
     result_path = out.parent / f"{out.name}.results.json"
     row = measure(name, [sys.executable, "-c", SWEEP_CODE, str(model), ",".join(variants), str(out), str(cache),
-                         str(result_path)])
+                         str(result_path), mode])
     row["variants"] = {r["spec"]["name"]: {"convert_s": r["convert_s"], "size_mb": r["size_bytes"] / 2**20,
                                            "cached": r["cached"]} for r in json.loads(result_path.read_text())}
     return row
@@ -188,6 +194,9 @@ def run(work: Path, model: Path | None = None) -> dict:
         rows[f"single:{preset}"] = our_convert(model, [preset], work / f"single-{preset}",
                                                work / f"cache-single-{preset}", f"single {preset}")
         drop(work / f"single-{preset}", work / f"cache-single-{preset}")
+    rows["sweep_serial"] = our_convert(model, SWEEP_VARIANTS, work / "sweep-serial", work / "cache-serial",
+                                       "sweep, no overlap", mode="serial")
+    drop(work / "sweep-serial", work / "cache-serial")
     rows["sweep"] = our_convert(model, SWEEP_VARIANTS, work / "sweep", work / "cache-sweep", "sweep (4 variants)")
     rows["sweep_cached"] = our_convert(model, SWEEP_VARIANTS, work / "sweep-again", work / "cache-sweep",
                                        "sweep, cached")
@@ -201,6 +210,7 @@ def summarize(rows: dict[str, dict]) -> dict:
     sweep, cached = rows["sweep"], rows["sweep_cached"]
     ratios = {
         "sweep_vs_olive_sum": sweep["seconds"] / olive_sum,
+        "sweep_vs_no_overlap": sweep["seconds"] / rows["sweep_serial"]["seconds"],
         "sweep_vs_builder_sum": sweep["seconds"] / builder_sum,
         "cached_vs_sweep": cached["seconds"] / sweep["seconds"],
         "sweep_rss_vs_largest_single": sweep["peak_tree_rss_mb"] / largest_single,
@@ -239,6 +249,8 @@ def markdown(res: dict) -> str:
         f"| sweep / (olive fp32 + int4 + int4-b128-asym) = {rows['sweep']['seconds']:.0f} / "
         f"{res['olive_sum_s']:.0f} s | {r['sweep_vs_olive_sum']:.2f} | ≤ {TARGET_SPEED_RATIO} | "
         f"{'yes' if res['goals_met']['speed'] else 'no'} |",
+        f"| sweep / sweep without overlap = {rows['sweep']['seconds']:.0f} / {rows['sweep_serial']['seconds']:.0f} s | "
+        f"{r['sweep_vs_no_overlap']:.2f} | - | - |",
         f"| sweep / bare builder (same three) = {rows['sweep']['seconds']:.0f} / {res['builder_sum_s']:.0f} s | "
         f"{r['sweep_vs_builder_sum']:.2f} | - | - |",
         f"| cached sweep / first sweep | {r['cached_vs_sweep']:.3f} | < {TARGET_CACHED_RATIO} | "
