@@ -684,7 +684,7 @@ class _Job:
     work: Path | None = None  # tmp/ folder of a build not yet validated
     deferred: list = field(default_factory=list)  # Olive's output copies into work/model, still to make
     build_s: float | None = None
-    key_lock: object = None  # held from the build until the entry is stored, so each entry is built once
+    key_lock: _KeyLock | None = None  # held from the build until the entry is stored: each entry built once
 
 
 def _look_up_or_build(job: _Job) -> None:
@@ -709,10 +709,41 @@ def _look_up_or_build(job: _Job) -> None:
         raise
 
 
-def _acquire_key_lock(dirs: _CacheDirs, key: str):
-    from filelock import FileLock
+# One in-process lock per key file: filelock refuses (as a deadlock) a second FileLock on a path this thread
+# holds, and two variants of one sweep may share a key (same spec under two names).
+_LOCAL_KEY_LOCKS: dict[str, threading.Lock] = {}
+_LOCAL_KEY_LOCKS_GUARD = threading.Lock()
 
-    lock = FileLock(str(dirs.locks / f"{key}.lock"), thread_local=False)  # released by the validating thread
+
+class _KeyLock:
+    """The cross-process lock of one cache key. Taken on one thread, released on another (the validating one);
+    the lock file is removed while still held, so a failed or finished build leaves none."""
+
+    def __init__(self, path: Path):
+        from filelock import FileLock
+
+        with _LOCAL_KEY_LOCKS_GUARD:
+            self.local = _LOCAL_KEY_LOCKS.setdefault(str(path), threading.Lock())
+        self.file_lock = FileLock(str(path), thread_local=False)
+
+    def acquire(self) -> None:
+        self.local.acquire()  # another thread of this process builds this key: wait until it stored the entry
+        try:
+            self.file_lock.acquire()
+        except BaseException:
+            self.local.release()
+            raise
+
+    def release(self) -> None:
+        try:
+            Path(self.file_lock.lock_file).unlink(missing_ok=True)
+            self.file_lock.release()
+        finally:
+            self.local.release()
+
+
+def _acquire_key_lock(dirs: _CacheDirs, key: str) -> _KeyLock:
+    lock = _KeyLock(dirs.locks / f"{key}.lock")
     lock.acquire()
     return lock
 
@@ -767,7 +798,6 @@ def _discard(job: _Job) -> None:
         shutil.rmtree(job.work, ignore_errors=True)
         job.work = None
     if job.key_lock is not None:
-        Path(job.key_lock.lock_file).unlink(missing_ok=True)
         job.key_lock.release()
         job.key_lock = None
 

@@ -456,3 +456,19 @@ def test_a_build_removes_debris_of_dead_builds_and_keeps_the_folder_of_a_live_on
     assert [p.name for p in (cache / "tmp").iterdir()] == [live.name]
     assert (live / "model" / "model.onnx").read_bytes() == b"half"
     assert list((cache / "locks").iterdir()) == []
+
+
+def test_two_names_for_one_spec_in_one_conversion_build_it_once_and_publish_both(qwen_variants, hf_qwen,
+                                                                                   models_root, tmp_path):
+    """The second name waits for the first's entry (same cache key) instead of failing on its own lock."""
+    from dataclasses import replace
+
+    from tests.faultkit import copy_warm_cache
+
+    cache = copy_warm_cache(models_root, tmp_path / "cache", drop=("int4",))
+    twins = [PRESETS["int4"], replace(PRESETS["int4"], name="int4-again")]
+    results = convert.convert_variants(hf_qwen, twins, tmp_path / "out", cache_dir=cache, progress=False)
+    assert [(r.spec.name, r.status, r.cached) for r in results] == [("int4", "ok", False), ("int4-again", "ok", True)]
+    assert results[0].weights_sha256 == results[1].weights_sha256
+    assert len(_generate(tmp_path / "out" / "int4-again")) == 4
+    _assert_cache_holds_only_complete_entries(cache)
