@@ -605,12 +605,16 @@ class Cancelled(BaseException):
     """The conversion this work belonged to was interrupted (Ctrl-C): stop, clean up, publish nothing."""
 
 
+def _raise_if_cancelled(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled()
+
+
 def _communicate(proc: subprocess.Popen, cancel: threading.Event | None) -> tuple[str, str]:
     """proc.communicate(), given up (and raised as Cancelled) as soon as cancel is set."""
     deadline = time.monotonic() + VALIDATE_TIMEOUT_S
     while True:
-        if cancel is not None and cancel.is_set():
-            raise Cancelled()
+        _raise_if_cancelled(cancel)
         try:
             return proc.communicate(timeout=CANCEL_POLL_S if cancel is not None else VALIDATE_TIMEOUT_S)
         except subprocess.TimeoutExpired:
@@ -677,7 +681,7 @@ class _Job:
     trust_remote_code: bool
     link: bool
     stage: Callable[[str], None]
-    start: float = field(default_factory=time.perf_counter)
+    start: float  # perf_counter when the variant's conversion began
     key: str = ""
     manifest: dict | None = None  # the cache entry's manifest, once there is one
     cached: bool = False
@@ -693,15 +697,11 @@ def _look_up_or_build(job: _Job) -> None:
     dirs.make()
     job.stage(STAGES[0])
     job.key = entry_key(input_model_hash(job.model_dir, dirs.root), job.spec, job.trust_remote_code)
-    job.manifest = complete_entry(dirs.entry(job.key))
-    if job.manifest:
-        job.cached = True
+    if _reuse_entry(job):
         return
     try:
         job.key_lock = _acquire_key_lock(dirs, job.key)
-        job.manifest = complete_entry(dirs.entry(job.key))  # another sweep may have built it while we waited
-        if job.manifest:
-            job.cached = True
+        if _reuse_entry(job):  # another sweep may have built it while we waited
             return
         _olive_build(job)
     except BaseException:
@@ -740,6 +740,13 @@ class _KeyLock:
             self.file_lock.release()
         finally:
             self.local.release()
+
+
+def _reuse_entry(job: _Job) -> bool:
+    """Whether the variant's cache entry is complete; if so the job takes it as its result."""
+    job.manifest = complete_entry(job.dirs.entry(job.key))
+    job.cached = job.manifest is not None
+    return job.cached
 
 
 def _acquire_key_lock(dirs: _CacheDirs, key: str) -> _KeyLock:
@@ -807,12 +814,10 @@ def _finish(job: _Job, cancel: threading.Event | None = None) -> ConversionResul
     created: list[Path] = []
     final = job.final
     try:
-        if cancel is not None and cancel.is_set():
-            raise Cancelled()
+        _raise_if_cancelled(cancel)
         if job.manifest is None:
             job.manifest = _store_entry(job, cancel)
-        if cancel is not None and cancel.is_set():
-            raise Cancelled()
+        _raise_if_cancelled(cancel)
         job.stage(STAGES[3])
         created = _make_parents(final.parent)
         olive_cfg = reproduction_config(job.model_dir, job.spec, job.trust_remote_code)
