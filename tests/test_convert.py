@@ -11,6 +11,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -350,27 +351,38 @@ def test_disk_full_while_publishing_removes_the_partial_folder(qwen_variants, hf
     assert (tiny_disk / "mine.txt").read_text() == "already here"
 
 
-def test_ctrl_c_mid_conversion_leaves_no_partial_folder_and_only_complete_cache_entries(tmp_path, hf_qwen):
+def _interrupt_conversion(hf_qwen: Path, tmp_path: Path, ready: Callable[[subprocess.Popen], object],
+                          what: str) -> object:
+    """Run `slmops convert` of three variants, press Ctrl-C once ready(proc) is truthy, and check what every
+    interrupted conversion must give: exit 130, one line and no traceback, no partial folder in the output,
+    only complete entries in the cache. Returns what ready() returned."""
     cache, out = tmp_path / "cache", tmp_path / "out"
     proc = subprocess.Popen([bin_path("slmops"), "convert", "--model", str(hf_qwen), "--variants", "fp32,int8,int4",
                              "--output", str(out), "--cache-dir", str(cache), "--quiet"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    runs = cache / "olive" / "default_workflow" / "runs"
     deadline = time.monotonic() + SIGINT_WAIT_S
-    # Wait until Olive is writing a model: a build in flight in the cache's tmp folder.
-    while not (runs.is_dir() and any(runs.iterdir()) and any((cache / "tmp").iterdir())):
+    while not (seen := ready(proc)):
         assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "conversion never started"
-        time.sleep(0.02)
+        assert time.monotonic() < deadline, f"never saw {what}"
+        time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=SIGINT_WAIT_S)
     assert proc.returncode == 130, stderr[-3000:]
     assert "Interrupted" in stderr and "Traceback" not in stderr
     leftovers = [p.name for p in out.iterdir()] if out.exists() else []
     assert not [n for n in leftovers if n.startswith(".")], leftovers
-    for name in leftovers:  # any variant that finished before Ctrl-C is whole
+    for name in leftovers:  # a variant that finished (or whose check ended) before Python saw the signal is whole
         modeldir.check_genai_dir(out / name)
     _assert_cache_holds_only_complete_entries(cache)
+    return seen
+
+
+def test_ctrl_c_mid_conversion_leaves_no_partial_folder_and_only_complete_cache_entries(tmp_path, hf_qwen):
+    cache = tmp_path / "cache"
+    runs = cache / "olive" / "default_workflow" / "runs"
+    # Olive is writing a model: a build in flight in the cache's tmp folder.
+    _interrupt_conversion(hf_qwen, tmp_path, lambda _proc: runs.is_dir() and any(runs.iterdir())
+                          and any((cache / "tmp").iterdir()), "a build in flight")
 
 
 def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
@@ -418,27 +430,11 @@ def test_ctrl_c_while_one_variant_validates_and_the_next_builds_leaves_no_proces
         tmp_path, hf_qwen):
     import psutil
 
-    cache, out = tmp_path / "cache", tmp_path / "out"
-    proc = subprocess.Popen([bin_path("slmops"), "convert", "--model", str(hf_qwen), "--variants", "fp32,int8,int4",
-                             "--output", str(out), "--cache-dir", str(cache), "--quiet"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.monotonic() + SIGINT_WAIT_S
-    # Wait for the overlap: a variant's load-and-generate check running while Olive builds the next one.
-    while not (validating := _validation_children(proc.pid)):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "no validation subprocess ever ran"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=SIGINT_WAIT_S)
-    assert proc.returncode == 130, stderr[-3000:]
-    assert "Interrupted" in stderr and "Traceback" not in stderr
+    # The overlap: a variant's load-and-generate check running while Olive builds the next one.
+    validating = _interrupt_conversion(hf_qwen, tmp_path, lambda proc: _validation_children(proc.pid),
+                                       "a validation subprocess")
     for child in validating:  # killed and reaped, not orphaned
         assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
-    leftovers = [p.name for p in out.iterdir()] if out.exists() else []
-    assert not [n for n in leftovers if n.startswith(".")], leftovers
-    for name in leftovers:  # a variant whose check ended before the signal reached Python may be published whole
-        modeldir.check_genai_dir(out / name)
-    _assert_cache_holds_only_complete_entries(cache)
 
 
 def test_a_build_removes_debris_of_dead_builds_and_keeps_the_folder_of_a_live_one(qwen_variants, hf_qwen, models_root,
