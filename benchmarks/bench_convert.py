@@ -40,6 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_qwen05_shape  # noqa: E402
+from bench_load import tree_rss  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "out"
@@ -82,21 +83,8 @@ class TreeRssSampler(threading.Thread):
         self.pid, self.peak, self.stop = pid, 0, threading.Event()
 
     def run(self) -> None:
-        import psutil
-
         while not self.stop.wait(TREE_SAMPLE_S):
-            try:
-                root = psutil.Process(self.pid)
-                procs = [root, *root.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                return
-            total = 0
-            for p in procs:
-                try:
-                    total += p.memory_info().rss
-                except psutil.NoSuchProcess:
-                    pass
-            self.peak = max(self.peak, total)
+            self.peak = max(self.peak, tree_rss(self.pid))
 
 
 def measure(name: str, cmd: list[str], cwd: Path | None = None) -> dict:
