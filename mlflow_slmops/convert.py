@@ -46,6 +46,7 @@ from typing import Callable, Iterator
 
 from mlflow_slmops import modeldir
 from mlflow_slmops.errors import SlmopsError
+from mlflow_slmops.olive_speedups import speedups
 from mlflow_slmops.variants import VariantSpec
 
 logger = logging.getLogger(__name__)
@@ -428,7 +429,7 @@ def _run_olive(config: dict, log_path: Path) -> list[tuple[Path, Path]]:
     from olive.workflows import run as olive_run
 
     deferred: list[tuple[Path, Path]] = []
-    with _olive_speedups(), _deferred_output_copy(deferred), _captured_output(log_path):
+    with speedups(), _deferred_output_copy(deferred), _captured_output(log_path):
         olive_run(config)
     return deferred
 
@@ -493,42 +494,6 @@ def _quiet_olive_telemetry() -> None:
             os.environ.pop("CI", None)
         else:
             os.environ["CI"] = saved
-
-
-# Olive's own answers for the input model's identifier, keyed by the files' path, size, mtime and inode.
-_OLIVE_ID_MEMO: dict = {}
-
-
-@contextlib.contextmanager
-def _olive_speedups() -> Iterator[None]:
-    """Olive 0.13 hashes every file of the input model at the start of each workflow (3 s for a 1 GB
-    checkpoint, once per variant). Remember its own answer while no file's size, mtime or inode changed:
-    the identifier, and so Olive's cache keys, stay exactly what Olive computes.
-
-    (Olive's copy of the final model into output_dir cannot be a hardlink: onnx_ir refuses external data
-    with more than one link, so the next pass reading Olive's cache would fail.)
-    """
-    from olive.model.config.model_config import ModelConfig
-
-    original_id = ModelConfig.get_model_identifier
-
-    def memoized_id(self):
-        path = self.config.get("model_path")
-        others = [k for k in ("adapter_path", "model_script", "script_dir") if self.config.get(k)]
-        if self.type.lower() != "hfmodel" or not path or others or not Path(str(path)).is_dir():
-            return original_id(self)
-        files = sorted(p for p in Path(str(path)).rglob("*") if p.is_file())
-        stamp = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns, p.stat().st_ino) for p in files)
-        key = (stamp, json.dumps(self.config.get("model_attributes"), sort_keys=True, default=str))
-        if key not in _OLIVE_ID_MEMO:
-            _OLIVE_ID_MEMO[key] = original_id(self)
-        return _OLIVE_ID_MEMO[key]
-
-    ModelConfig.get_model_identifier = memoized_id
-    try:
-        yield
-    finally:
-        ModelConfig.get_model_identifier = original_id
 
 
 def _olive_failure(log_path: Path) -> Exception:

@@ -236,7 +236,9 @@ def test_failing_variant_is_recorded_and_the_sweep_goes_on(qwen_variants, hf_qwe
     _assert_cache_holds_only_complete_entries(shared_cache)
 
 
-@pytest.mark.parametrize("name", ["int4", "int4-hqq"])
+# Stock `olive run` has none of the in-process speed-ups (mlflow_slmops.olive_speedups): each of these also
+# checks that they leave the weights unchanged (builder export, RTN 4- and 8-bit, symmetric and not, HQQ).
+@pytest.mark.parametrize("name", ["fp32", "int8", "int4", "int4-b128-asym", "int4-hqq"])
 def test_olive_config_reproduces_the_same_weights_with_olive_run(qwen_variants, tmp_path, name):
     result = qwen_variants[name]
     proc = run_cli([bin_path("olive"), "run", "--config", result.olive_config_path], cwd=str(tmp_path),

@@ -1,0 +1,130 @@
+"""The Olive speed-ups change nothing Olive writes: each is checked against Olive 0.13's own code.
+
+End to end, `tests/test_convert.py::test_olive_config_reproduces_the_same_weights_with_olive_run` rebuilds
+variants with stock `olive run` (no patches) and compares their weights hash with the sweep's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mlflow_slmops import olive_speedups
+from mlflow_slmops.olive_speedups import SPEEDUPS_ENV, block_quantize, speedups
+
+# Rows past one chunk of block_quantize, so the chunked, threaded path is what is compared.
+MANY_ROWS = olive_speedups.QUANT_ROWS_PER_CHUNK * 2 + 37
+# (shape, quantize axis): whole blocks, a short last block, an odd axis length, 3-D, axis 0, many rows.
+SHAPES = [((64, 96), 1), ((33, 100), 1), ((9, 45), 1), ((5, 33, 7), 1), ((40, 64), 0), ((MANY_ROWS, 64), 1)]
+
+
+def _olive_rtn():
+    from olive.passes.onnx.rtn_quantization import OnnxBlockWiseRtnQuantization
+
+    return OnnxBlockWiseRtnQuantization
+
+
+def _weights(shape: tuple, seed: int) -> np.ndarray:
+    data = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    flat = data.reshape(-1)
+    flat[:48] = 0.0  # whole blocks of zeros: scale 0, the where() branch
+    flat[48:96] = 0.75  # constant blocks: max == min
+    return data
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("is_symmetric", [True, False])
+@pytest.mark.parametrize("block_size", [16, 32, 128])
+@pytest.mark.parametrize(("shape", "axis"), SHAPES)
+def test_block_quantize_matches_olive_bit_for_bit(shape, axis, block_size, is_symmetric, bits):
+    data = _weights(shape, seed=block_size + bits)
+    rtn = _olive_rtn()
+    with np.errstate(divide="ignore", invalid="ignore"):  # Olive's own code warns on blocks of zeros
+        expected = rtn._quantize_ndarray(rtn.__new__(rtn), data.copy(), axis, block_size, is_symmetric, bits)
+    got = block_quantize(data, axis, block_size, is_symmetric, bits)
+    assert len(got) == len(expected) == 3
+    for ours, olives in zip(got, expected):
+        if olives is None:
+            assert ours is None
+            continue
+        assert ours.dtype == olives.dtype and ours.shape == olives.shape
+        assert np.array_equal(ours, olives)
+
+
+def _patched_attributes() -> dict[str, object]:
+    import onnx_ir
+    from olive.model.config.model_config import ModelConfig
+
+    rtn = _olive_rtn()
+    return {"identifier": ModelConfig.get_model_identifier, "quantize": rtn._quantize_ndarray,
+            "rtn_run": rtn._run_for_config, "save": onnx_ir.save}
+
+
+def test_speedups_patch_olive_inside_and_restore_it_even_after_an_error():
+    before = _patched_attributes()
+    with pytest.raises(RuntimeError, match="a pass failed"):
+        with speedups():
+            inside = _patched_attributes()
+            raise RuntimeError("a pass failed")
+    assert all(inside[name] is not before[name] for name in before)
+    assert _patched_attributes() == before
+
+
+def test_speedups_env_zero_runs_olive_unpatched(monkeypatch):
+    monkeypatch.setenv(SPEEDUPS_ENV, "0")
+    before = _patched_attributes()
+    with speedups():
+        assert _patched_attributes() == before
+
+
+def _tiny_onnx_with_gather_and_matmul(folder: Path) -> Path:
+    """A MatMul whose output is the graph output and a Gather over an embedding of many rows, external data."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    vocab, hidden, out = MANY_ROWS, 64, 96
+    embedding = numpy_helper.from_array(_weights((vocab, hidden), seed=1), "embedding")
+    weight = numpy_helper.from_array(_weights((hidden, out), seed=2), "weight")
+    nodes = [helper.make_node("Gather", ["embedding", "ids"], ["hidden"], name="embed"),
+             helper.make_node("MatMul", ["hidden", "weight"], ["logits"], name="lm_head")]
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 4])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 4, out])],
+                              initializer=[embedding, weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    folder.mkdir(parents=True)
+    path = folder / "model.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    return path
+
+
+def _run_rtn(model: Path, out: Path, bits: int, is_symmetric: bool) -> dict[str, str]:
+    """Olive's RTN pass through a real in-process workflow; returns the sha256 of every file it wrote."""
+    from olive.workflows import run as olive_run
+
+    olive_run({
+        "input_model": {"type": "ONNXModel", "model_path": str(model)},
+        "passes": {"rtn": {"type": "OnnxBlockWiseRtnQuantization", "bits": bits, "block_size": 32,
+                           "is_symmetric": is_symmetric, "accuracy_level": 4, "save_as_external_data": True}},
+        "output_dir": str(out), "cache_dir": str(out.parent / f"{out.name}-cache"), "log_severity_level": 3,
+    })
+    onnx_files = sorted(p for p in out.rglob("*") if p.is_file() and p.name.startswith("model.onnx"))
+    assert onnx_files, f"Olive wrote no model into {out}"
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in onnx_files}
+
+
+@pytest.mark.parametrize(("bits", "is_symmetric"), [(4, True), (4, False), (8, True)])
+def test_olive_rtn_pass_writes_the_same_files_with_and_without_speedups(tmp_path, monkeypatch, bits,
+                                                                         is_symmetric):
+    from mlflow_slmops.convert import _quiet_olive_telemetry
+
+    _quiet_olive_telemetry()
+    model = _tiny_onnx_with_gather_and_matmul(tmp_path / "fp32")
+    with speedups():
+        fast = _run_rtn(model, tmp_path / "fast", bits, is_symmetric)
+    monkeypatch.setenv(SPEEDUPS_ENV, "0")
+    with speedups():
+        stock = _run_rtn(model, tmp_path / "stock", bits, is_symmetric)
+    assert fast == stock
