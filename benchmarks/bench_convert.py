@@ -9,6 +9,8 @@ each measurement a fresh subprocess with its own empty cache, timed wall-clock. 
   sharing one Olive cache, each variant validated (loads, generates);
 - **sweep, no overlap**: the same four through `convert_variant` one after another, each validated before
   the next build starts (what the sweep did before it overlapped validation with the next build);
+- **sweep, stock Olive code**: the sweep with `SLMOPS_OLIVE_SPEEDUPS=0`, so Olive runs unpatched (the same
+  weights, bit for bit; see mlflow_slmops/olive_speedups.py);
 - **sweep, cached**: the same sweep again with the same cache into a new output folder;
 - **single**: our converter on one variant at a time (fresh cache each): the largest one is the memory reference;
 - **olive auto-opt**: `olive auto-opt --use_model_builder --precision fp32|int4`; int4-b128-asym is the same
@@ -40,6 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_qwen05_shape  # noqa: E402
+from mlflow_slmops.olive_speedups import SPEEDUPS_ENV  # noqa: E402
 from bench_load import tree_rss  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,12 +90,13 @@ class TreeRssSampler(threading.Thread):
             self.peak = max(self.peak, tree_rss(self.pid))
 
 
-def measure(name: str, cmd: list[str], cwd: Path | None = None) -> dict:
+def measure(name: str, cmd: list[str], cwd: Path | None = None, env: dict | None = None) -> dict:
     """Run cmd to completion: wall seconds; peak RSS (MB) of its largest process (wait4) and of the whole
     process tree at once (sampled)."""
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=cwd, env={**ENV, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     sampler = TreeRssSampler(proc.pid)
     sampler.start()
     output = proc.stdout.read()
@@ -112,10 +116,11 @@ def measure(name: str, cmd: list[str], cwd: Path | None = None) -> dict:
     return row
 
 
-def our_convert(model: Path, variants: list[str], out: Path, cache: Path, name: str, mode: str = "overlap") -> dict:
+def our_convert(model: Path, variants: list[str], out: Path, cache: Path, name: str, mode: str = "overlap",
+                env: dict | None = None) -> dict:
     result_path = out.parent / f"{out.name}.results.json"
     row = measure(name, [sys.executable, "-c", SWEEP_CODE, str(model), ",".join(variants), str(out), str(cache),
-                         str(result_path), mode])
+                         str(result_path), mode], env=env)
     row["variants"] = {r["spec"]["name"]: {"convert_s": r["convert_s"], "size_mb": r["size_bytes"] / 2**20,
                                            "cached": r["cached"]} for r in json.loads(result_path.read_text())}
     return row
@@ -185,6 +190,9 @@ def run(work: Path, model: Path | None = None) -> dict:
     rows["sweep_serial"] = our_convert(model, SWEEP_VARIANTS, work / "sweep-serial", work / "cache-serial",
                                        "sweep, no overlap", mode="serial")
     drop(work / "sweep-serial", work / "cache-serial")
+    rows["sweep_stock"] = our_convert(model, SWEEP_VARIANTS, work / "sweep-stock", work / "cache-stock",
+                                      "sweep, stock Olive code", env={SPEEDUPS_ENV: "0"})
+    drop(work / "sweep-stock", work / "cache-stock")
     rows["sweep"] = our_convert(model, SWEEP_VARIANTS, work / "sweep", work / "cache-sweep", "sweep (4 variants)")
     rows["sweep_cached"] = our_convert(model, SWEEP_VARIANTS, work / "sweep-again", work / "cache-sweep",
                                        "sweep, cached")
@@ -199,6 +207,7 @@ def summarize(rows: dict[str, dict]) -> dict:
     ratios = {
         "sweep_vs_olive_sum": sweep["seconds"] / olive_sum,
         "sweep_vs_no_overlap": sweep["seconds"] / rows["sweep_serial"]["seconds"],
+        "sweep_vs_stock_olive_code": sweep["seconds"] / rows["sweep_stock"]["seconds"],
         "sweep_vs_builder_sum": sweep["seconds"] / builder_sum,
         "cached_vs_sweep": cached["seconds"] / sweep["seconds"],
         "sweep_rss_vs_largest_single": sweep["peak_tree_rss_mb"] / largest_single,
@@ -239,6 +248,8 @@ def markdown(res: dict) -> str:
         f"{'yes' if res['goals_met']['speed'] else 'no'} |",
         f"| sweep / sweep without overlap = {rows['sweep']['seconds']:.0f} / {rows['sweep_serial']['seconds']:.0f} s | "
         f"{r['sweep_vs_no_overlap']:.2f} | - | - |",
+        f"| sweep / sweep on stock Olive code = {rows['sweep']['seconds']:.0f} / "
+        f"{rows['sweep_stock']['seconds']:.0f} s | {r['sweep_vs_stock_olive_code']:.2f} | - | - |",
         f"| sweep / bare builder (same three) = {rows['sweep']['seconds']:.0f} / {res['builder_sum_s']:.0f} s | "
         f"{r['sweep_vs_builder_sum']:.2f} | - | - |",
         f"| cached sweep / first sweep | {r['cached_vs_sweep']:.3f} | < {TARGET_CACHED_RATIO} | "
