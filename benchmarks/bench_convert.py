@@ -22,8 +22,11 @@ each measurement a fresh subprocess with its own empty cache, timed wall-clock. 
 Goals (issue 3): sweep <= 0.6 x the three standalone Olive runs; cached sweep < 5% of the first sweep;
 sweep peak tree RSS <= 1.2 x the largest single conversion's.
 
-Run:  .venv/bin/python benchmarks/bench_convert.py [--work DIR] [--keep]
-      (writes benchmarks/out/convert.{json,md}; about 9 minutes on 2 cores, ~40 GB of scratch disk)
+With --ablate, the sweep also runs once without each of the Olive speed-ups in turn (olive_speedups.PATCHES).
+
+Run:  .venv/bin/python benchmarks/bench_convert.py [--work DIR] [--keep] [--ablate]
+      (writes benchmarks/out/convert.{json,md}; about 7 minutes on 2 cores, 3 more with --ablate,
+      ~40 GB of scratch disk)
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_qwen05_shape  # noqa: E402
-from mlflow_slmops.olive_speedups import SPEEDUPS_ENV  # noqa: E402
+from mlflow_slmops.olive_speedups import PATCHES, SPEEDUPS_ENV  # noqa: E402
 from bench_load import tree_rss  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +67,10 @@ import json, sys
 from pathlib import Path
 from mlflow_slmops.convert import convert_variant, convert_variants
 from mlflow_slmops.variants import resolve_variants
-model, variants, out, cache, result_path, mode = sys.argv[1:7]
+model, variants, out, cache, result_path, mode, left_out = sys.argv[1:8]
+if left_out:  # --ablate: this sweep runs without one of the Olive speed-ups
+    from mlflow_slmops import olive_speedups
+    del olive_speedups.PATCHES[left_out]
 if mode == "overlap":
     results = convert_variants(model, resolve_variants(variants), out, cache_dir=cache, progress=False)
 else:  # one variant at a time: each validated before the next build starts
@@ -117,10 +123,10 @@ def measure(name: str, cmd: list[str], cwd: Path | None = None, env: dict | None
 
 
 def our_convert(model: Path, variants: list[str], out: Path, cache: Path, name: str, mode: str = "overlap",
-                env: dict | None = None) -> dict:
+                env: dict | None = None, left_out: str = "") -> dict:
     result_path = out.parent / f"{out.name}.results.json"
     row = measure(name, [sys.executable, "-c", SWEEP_CODE, str(model), ",".join(variants), str(out), str(cache),
-                         str(result_path), mode], env=env)
+                         str(result_path), mode, left_out], env=env)
     row["variants"] = {r["spec"]["name"]: {"convert_s": r["convert_s"], "size_mb": r["size_bytes"] / 2**20,
                                            "cached": r["cached"]} for r in json.loads(result_path.read_text())}
     return row
@@ -169,7 +175,7 @@ def machine() -> dict:
             **{pkg: version(pkg) for pkg in ("olive-ai", "onnxruntime-genai", "onnxruntime", "torch", "transformers")}}
 
 
-def run(work: Path, model: Path | None = None) -> dict:
+def run(work: Path, model: Path | None = None, ablate: bool = False) -> dict:
     model = model or make_qwen05_shape.build()
     rows: dict[str, dict] = {}
 
@@ -196,6 +202,11 @@ def run(work: Path, model: Path | None = None) -> dict:
     rows["sweep"] = our_convert(model, SWEEP_VARIANTS, work / "sweep", work / "cache-sweep", "sweep (4 variants)")
     rows["sweep_cached"] = our_convert(model, SWEEP_VARIANTS, work / "sweep-again", work / "cache-sweep",
                                        "sweep, cached")
+    if ablate:  # the sweep once without each speed-up, to show what each is worth
+        for patch in PATCHES:
+            rows[f"without:{patch}"] = our_convert(model, SWEEP_VARIANTS, work / "sweep-ablate",
+                                                   work / "cache-ablate", f"sweep without {patch}", left_out=patch)
+            drop(work / "sweep-ablate", work / "cache-ablate")
     return summarize(rows)
 
 
@@ -258,6 +269,11 @@ def markdown(res: dict) -> str:
         f"{res['largest_single_rss_mb']:.0f} MB | {r['sweep_rss_vs_largest_single']:.2f} | ≤ {TARGET_RSS_RATIO} | "
         f"{'yes' if res['goals_met']['memory'] else 'no'} |",
     ]
+    left_out = {k.split(":", 1)[1]: row for k, row in rows.items() if k.startswith("without:")}
+    if left_out:
+        lines += ["", "| Sweep without this speed-up | Wall s | / full sweep |", "|---|---:|---:|"]
+        lines += [f"| {patch} | {row['seconds']:.1f} | {row['seconds'] / rows['sweep']['seconds']:.2f} |"
+                  for patch, row in left_out.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -265,13 +281,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=OUT / "convert-work", help="scratch folder (emptied first)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder afterwards")
+    parser.add_argument("--ablate", action="store_true",
+                        help="also run the sweep once without each Olive speed-up (about 3 more minutes)")
     parser.add_argument("--model", type=Path, default=None,
                         help="another HF folder (a smoke run on a tiny model); default: the Qwen2.5-0.5B shape")
     args = parser.parse_args()
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
     try:
-        res = run(args.work, args.model)
+        res = run(args.work, args.model, args.ablate)
     finally:
         if not args.keep:
             shutil.rmtree(args.work, ignore_errors=True)

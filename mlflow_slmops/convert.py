@@ -2,6 +2,7 @@
 
 Every variant is an Olive workflow run in this process (``olive.workflows.run``). All workflows share one
 Olive cache, so the fp32 ``ModelBuilder`` export is made once and every quantized variant starts from it.
+Each workflow runs under ``olive_speedups.speedups()``: faster code for slow spots of Olive, same output bytes.
 On top of Olive's cache sits a content-addressed cache of finished, validated variant folders keyed by
 the input model's content, the variant spec and the tool versions: re-running a sweep re-converts nothing.
 

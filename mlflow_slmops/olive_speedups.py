@@ -27,7 +27,7 @@ import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -50,10 +50,8 @@ def speedups() -> Iterator[None]:
         if os.environ.get(SPEEDUPS_ENV, "1") == "0":
             yield
             return
-        stack.enter_context(_memoized_model_identifier())
-        stack.enter_context(_fast_block_quantization())
-        stack.enter_context(_rtn_reads_weights_in_place())
-        stack.enter_context(_parallel_external_data_writes())
+        for patch in PATCHES.values():
+            stack.enter_context(patch())
         yield
 
 
@@ -136,6 +134,15 @@ def _parallel_external_data_writes() -> Iterator[None]:
 
     with _patched(onnx_ir, "save", save):
         yield
+
+
+# Each speed-up by name (benchmarks/bench_convert.py --ablate leaves them out one at a time).
+PATCHES: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
+    "model-identifier-memo": _memoized_model_identifier,
+    "vectorized-block-quantization": _fast_block_quantization,
+    "rtn-weights-in-place": _rtn_reads_weights_in_place,
+    "parallel-external-data-writes": _parallel_external_data_writes,
+}
 
 
 def block_quantize(data: np.ndarray, quantize_axis: int, block_size: int, is_symmetric: bool,
