@@ -45,9 +45,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Callable, Iterator
 
-from mlflow_slmops import modeldir
+from mlflow_slmops import modeldir, olive_speedups
 from mlflow_slmops.errors import SlmopsError
-from mlflow_slmops.olive_speedups import speedups
 from mlflow_slmops.variants import VariantSpec
 
 logger = logging.getLogger(__name__)
@@ -294,6 +293,7 @@ def input_model_hash(model_dir: str | Path, cache_dir: str | Path | None = None)
             file_hash = _sha256_file(path)
             memo[str(path)] = [*stamp, file_hash]
             changed = True
+        olive_speedups.remember_sha256(path, st, file_hash)  # Olive's model identifier hashes these files too
         digest.update(str(path.relative_to(model_dir)).encode() + b"\0" + file_hash.encode())
     if memo_path and changed:
         with contextlib.suppress(OSError):  # the memo only saves time
@@ -430,7 +430,7 @@ def _run_olive(config: dict, log_path: Path) -> list[tuple[Path, Path]]:
     from olive.workflows import run as olive_run
 
     deferred: list[tuple[Path, Path]] = []
-    with speedups(), _deferred_output_copy(deferred), _captured_output(log_path):
+    with olive_speedups.speedups(), _deferred_output_copy(deferred), _captured_output(log_path):
         olive_run(config)
     return deferred
 

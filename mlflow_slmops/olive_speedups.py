@@ -7,6 +7,8 @@ the same weights. ``tests/test_olive_speedups.py`` checks each against Olive's o
 - **Input model identifier.** Olive hashes every file of the input model at the start of each workflow (3 s
   for a 1 GB checkpoint, once per variant). Its own answer is remembered while no file's size, mtime or inode
   changed, so Olive's cache keys stay exactly what Olive computes.
+- **Input files hashed once.** Olive's identifier is built from the sha256 of each input file, which the
+  conversion cache has just computed (or remembered) for its own key: ``remember_sha256`` hands those over.
 - **Block-wise quantization of embedding tables.** ``OnnxBlockWiseRtnQuantization`` quantizes a ``Gather``
   weight (the token embedding: 136M values for a Qwen2.5-0.5B) with a numpy loop over the blocks of one row
   at a time, single-threaded: 3 to 4 s per variant. ``block_quantize`` computes the same formulas on whole
@@ -35,6 +37,8 @@ import numpy as np
 SPEEDUPS_ENV = "SLMOPS_OLIVE_SPEEDUPS"
 # Olive's own answers for the input model's identifier, keyed by the files' path, size, mtime and inode.
 _OLIVE_ID_MEMO: dict = {}
+# sha256 hex digests of files whose content is known, by (path, size, mtime_ns, inode): see remember_sha256.
+_KNOWN_SHA256: dict[tuple[str, int, int, int], str] = {}
 # Rows of the weight per task of block_quantize: small enough that a chunk's temporaries stay in a few MB.
 QUANT_ROWS_PER_CHUNK = 2048
 
@@ -91,6 +95,30 @@ def _memoized_model_identifier() -> Iterator[None]:
         yield
 
 
+def remember_sha256(path: Path, stat: os.stat_result, digest: str) -> None:
+    """Tell Olive's file hashing the sha256 of ``path`` as it is now (a later change of size, mtime or inode
+    makes Olive hash the file itself again)."""
+    _KNOWN_SHA256[(str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)] = digest
+
+
+@contextlib.contextmanager
+def _known_file_hashes() -> Iterator[None]:
+    import olive.model.config.model_config as model_config
+
+    original_hash_file = model_config.hash_file
+
+    def hash_file(filename, block_size=4096):
+        try:
+            st = os.stat(filename)
+        except OSError:
+            return original_hash_file(filename, block_size)
+        known = _KNOWN_SHA256.get((str(filename), st.st_size, st.st_mtime_ns, st.st_ino))
+        return known if known is not None else original_hash_file(filename, block_size)
+
+    with _patched(model_config, "hash_file", hash_file):
+        yield
+
+
 @contextlib.contextmanager
 def _fast_block_quantization() -> Iterator[None]:
     from olive.passes.onnx.rtn_quantization import OnnxBlockWiseRtnQuantization as Rtn
@@ -139,6 +167,7 @@ def _parallel_external_data_writes() -> Iterator[None]:
 # Each speed-up by name (benchmarks/bench_convert.py --ablate leaves them out one at a time).
 PATCHES: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
     "model-identifier-memo": _memoized_model_identifier,
+    "known-file-hashes": _known_file_hashes,
     "vectorized-block-quantization": _fast_block_quantization,
     "rtn-weights-in-place": _rtn_reads_weights_in_place,
     "parallel-external-data-writes": _parallel_external_data_writes,

@@ -55,12 +55,12 @@ def test_block_quantize_matches_olive_bit_for_bit(shape, axis, block_size, is_sy
 
 
 def _patched_attributes() -> dict[str, object]:
+    import olive.model.config.model_config as model_config
     import onnx_ir
-    from olive.model.config.model_config import ModelConfig
 
     rtn = _olive_rtn()
-    return {"identifier": ModelConfig.get_model_identifier, "quantize": rtn._quantize_ndarray,
-            "rtn_run": rtn._run_for_config, "save": onnx_ir.save}
+    return {"identifier": model_config.ModelConfig.get_model_identifier, "hash_file": model_config.hash_file,
+            "quantize": rtn._quantize_ndarray, "rtn_run": rtn._run_for_config, "save": onnx_ir.save}
 
 
 def test_speedups_patch_olive_inside_and_restore_it_even_after_an_error():
@@ -128,3 +128,32 @@ def test_olive_rtn_pass_writes_the_same_files_with_and_without_speedups(tmp_path
     with speedups():
         stock = _run_rtn(model, tmp_path / "stock", bits, is_symmetric)
     assert fast == stock
+
+
+def test_olive_hashes_an_input_file_itself_unless_its_current_sha256_is_known(tmp_path):
+    import olive.model.config.model_config as model_config
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"weights v1")
+    real = hashlib.sha256(b"weights v1").hexdigest()
+    marker = "f" * 64  # not the real digest: proves the answer came from what was remembered
+    with speedups():
+        assert model_config.hash_file(weights) == real
+        olive_speedups.remember_sha256(weights, weights.stat(), marker)
+        assert model_config.hash_file(weights) == marker
+        weights.write_bytes(b"weights v2, longer")  # changed: its size no longer matches what was remembered
+        assert model_config.hash_file(weights) == hashlib.sha256(b"weights v2, longer").hexdigest()
+
+
+def test_olive_model_identifier_is_the_same_with_the_hashes_the_conversion_cache_hands_over(hf_qwen, tmp_path,
+                                                                                           monkeypatch):
+    from olive.model.config.model_config import ModelConfig
+
+    from mlflow_slmops.convert import input_model_hash
+
+    config = ModelConfig.model_validate({"type": "HfModel", "config": {"model_path": str(hf_qwen.resolve())}})
+    stock = config.get_model_identifier()
+    monkeypatch.setattr(olive_speedups, "_OLIVE_ID_MEMO", {})  # compute it again, from the handed-over hashes
+    input_model_hash(hf_qwen, tmp_path)
+    with speedups():
+        assert config.get_model_identifier() == stock
