@@ -24,8 +24,10 @@ sweep peak tree RSS <= 1.2 x the largest single conversion's.
 
 With --ablate, the sweep also runs once without each of the Olive speed-ups in turn (olive_speedups.PATCHES).
 
-Run:  .venv/bin/python benchmarks/bench_convert.py [--work DIR] [--keep] [--ablate]
-      (writes benchmarks/out/convert.{json,md}; about 7 minutes on 2 cores, 3 more with --ablate,
+With --repeat N, every run is made N times (rounds, interleaved); the tables give the median time of each.
+
+Run:  .venv/bin/python benchmarks/bench_convert.py [--work DIR] [--keep] [--ablate] [--repeat N]
+      (writes benchmarks/out/convert.{json,md}; about 7 minutes a round on 2 cores, 3 more with --ablate,
       ~40 GB of scratch disk)
 """
 
@@ -36,6 +38,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -175,15 +178,24 @@ def machine() -> dict:
             **{pkg: version(pkg) for pkg in ("olive-ai", "onnxruntime-genai", "onnxruntime", "torch", "transformers")}}
 
 
-def run(work: Path, model: Path | None = None, ablate: bool = False) -> dict:
+def run(work: Path, model: Path | None = None, ablate: bool = False, repeat: int = 1) -> dict:
     model = model or make_qwen05_shape.build()
+    rounds = []
+    for i in range(repeat):
+        if repeat > 1:
+            print(f"--- round {i + 1} of {repeat}", flush=True)
+        rounds.append(measure_round(model, work, ablate=ablate and i == 0))
+    return summarize(rounds)
+
+
+def measure_round(model: Path, work: Path, ablate: bool) -> dict[str, dict]:
+    """Every row once, interleaved, so a change in machine load falls on every kind of run alike."""
     rows: dict[str, dict] = {}
 
     def drop(*paths: Path) -> None:  # keep scratch disk bounded: ~2.4 GB per fp32 copy
         for p in paths:
             shutil.rmtree(p, ignore_errors=True)
 
-    # Interleaved, so a change in machine load falls on every kind of run alike.
     for preset in STANDALONE:
         rows[f"olive:{preset}"] = olive_standalone(model, preset, work)
         drop(work / f"olive-{preset}")
@@ -202,15 +214,29 @@ def run(work: Path, model: Path | None = None, ablate: bool = False) -> dict:
     rows["sweep"] = our_convert(model, SWEEP_VARIANTS, work / "sweep", work / "cache-sweep", "sweep (4 variants)")
     rows["sweep_cached"] = our_convert(model, SWEEP_VARIANTS, work / "sweep-again", work / "cache-sweep",
                                        "sweep, cached")
+    drop(work / "sweep", work / "sweep-again", work / "cache-sweep")
     if ablate:  # the sweep once without each speed-up, to show what each is worth
         for patch in PATCHES:
             rows[f"without:{patch}"] = our_convert(model, SWEEP_VARIANTS, work / "sweep-ablate",
                                                    work / "cache-ablate", f"sweep without {patch}", left_out=patch)
             drop(work / "sweep-ablate", work / "cache-ablate")
-    return summarize(rows)
+    return rows
 
 
-def summarize(rows: dict[str, dict]) -> dict:
+def _combine(runs: list[dict]) -> dict:
+    """One row from its runs in every round: the median time (each kept), the highest peaks."""
+    row = dict(runs[0])
+    row["seconds_each"] = [r["seconds"] for r in runs]
+    row["seconds"] = statistics.median(row["seconds_each"])
+    row["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+    row["peak_tree_rss_mb"] = max(r["peak_tree_rss_mb"] for r in runs)
+    row["load_after"] = runs[-1]["load_after"]
+    return row
+
+
+def summarize(rounds: list[dict[str, dict]]) -> dict:
+    rows = {key: _combine([r[key] for r in rounds if key in r]) for key in rounds[0]}
+    each_round = [r["sweep"]["seconds"] / sum(r[f"olive:{p}"]["seconds"] for p in STANDALONE) for r in rounds]
     olive_sum = sum(rows[f"olive:{p}"]["seconds"] for p in STANDALONE)
     builder_sum = sum(rows[f"builder:{p}"]["seconds"] for p in STANDALONE)
     largest_single = max(rows[f"single:{p}"]["peak_tree_rss_mb"] for p in SWEEP_VARIANTS)
@@ -228,7 +254,8 @@ def summarize(rows: dict[str, dict]) -> dict:
         "cached": ratios["cached_vs_sweep"] < TARGET_CACHED_RATIO,
         "memory": ratios["sweep_rss_vs_largest_single"] <= TARGET_RSS_RATIO,
     }
-    return {"machine": machine(), "rows": rows, "olive_sum_s": olive_sum, "builder_sum_s": builder_sum,
+    return {"machine": machine(), "rows": rows, "rounds": len(rounds), "speed_ratio_each_round": each_round,
+            "olive_sum_s": olive_sum, "builder_sum_s": builder_sum,
             "largest_single_rss_mb": largest_single, "ratios": ratios, "goals_met": goals}
 
 
@@ -239,18 +266,24 @@ def markdown(res: dict) -> str:
         f"onnxruntime-genai {m['onnxruntime-genai']}, onnxruntime {m['onnxruntime']}, torch {m['torch']}, "
         f"transformers {m['transformers']}. Model: Qwen2.5-0.5B shape, random bf16 weights, 494M parameters.",
         "",
+        f"Rounds: {res['rounds']} (wall time: the median; in brackets each round's, in order; peaks: the highest).",
+        "",
         "| Run | Wall s | Peak RSS MB, largest process | Peak RSS MB, process tree | Load avg before → after |",
         "|---|---:|---:|---:|---|",
     ]
     for row in rows.values():
-        lines.append(f"| {row['name']} | {row['seconds']:.1f} | {row['peak_rss_mb']:.0f} | "
+        each = f" ({', '.join(f'{t:.1f}' for t in row['seconds_each'])})" if len(row["seconds_each"]) > 1 else ""
+        lines.append(f"| {row['name']} | {row['seconds']:.1f}{each} | {row['peak_rss_mb']:.0f} | "
                      f"{row['peak_tree_rss_mb']:.0f} | "
                      f"{row['load_before']:.1f} → {row['load_after']:.1f} |")
     per_variant = ", ".join(f"{k} {v['convert_s']:.1f} s ({v['size_mb']:.0f} MB)"
                             for k, v in rows["sweep"]["variants"].items())
     lines += [
         "",
-        f"Sweep, per variant (including validation): {per_variant}.",
+        f"Sweep, per variant (including validation; first round): {per_variant}.",
+        "",
+        "Speed ratio (sweep / the three Olive runs) in each round: "
+        f"{', '.join(f'{x:.2f}' for x in res['speed_ratio_each_round'])}.",
         "",
         "| Ratio | Measured | Goal | Met |",
         "|---|---:|---:|---|",
@@ -283,13 +316,15 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder afterwards")
     parser.add_argument("--ablate", action="store_true",
                         help="also run the sweep once without each Olive speed-up (about 3 more minutes)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds of every run, interleaved; the tables give medians (about 7 minutes a round)")
     parser.add_argument("--model", type=Path, default=None,
                         help="another HF folder (a smoke run on a tiny model); default: the Qwen2.5-0.5B shape")
     args = parser.parse_args()
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
     try:
-        res = run(args.work, args.model, args.ablate)
+        res = run(args.work, args.model, args.ablate, args.repeat)
     finally:
         if not args.keep:
             shutil.rmtree(args.work, ignore_errors=True)
