@@ -146,10 +146,30 @@ def test_without_the_rename_genai_refuses_the_quantized_model(hf_qwen, shared_ca
     out = tmp_path / "no-rename"
     config = convert.olive_config(hf_qwen, PRESETS["int4"], str(out), str(shared_cache / "olive"))
     del config["passes"]["keep_logits_name"]
-    convert._finish_copies(convert._run_olive(config, tmp_path / "olive.log"))  # Olive leaves its output copy to us
+    convert._finish_copies(convert._run_olive(config, tmp_path / "olive.log"), link=False)  # Olive leaves it to us
     assert "logits_Q4" in _graph_outputs(out)
     with pytest.raises(Exception, match="Model output was not found: logits"):
         _generate(out)
+
+
+def _olive_cache_files_sharing(path: Path, cache: Path) -> list[Path]:
+    runs = cache / "olive" / "default_workflow" / "runs"
+    return [p for p in runs.rglob(path.name) if p.is_file() and os.path.samefile(p, path)]
+
+
+def test_quantized_entries_share_olives_files_and_the_fp32_export_stays_unlinked(qwen_variants, shared_cache):
+    # A quantized variant's final model is read by no later Olive pass: its entry links Olive's output (no bytes
+    # written twice). Every quantized workflow reads the fp32 export, and onnx_ir refuses linked external
+    # data, so the fp32 entry holds its own copy and Olive's export keeps a single link.
+    entries = {json.loads(m.read_text())["spec"]["name"]: m.parent
+               for m in (shared_cache / "variants").glob(f"*/{convert.ENTRY_MANIFEST}")}
+    for name in ("int8", "int4", "int4-hqq"):
+        assert _olive_cache_files_sharing(entries[name] / "model.onnx.data", shared_cache), name
+    fp32_data = entries["fp32"] / "model.onnx.data"
+    assert _olive_cache_files_sharing(fp32_data, shared_cache) == []
+    runs = shared_cache / "olive" / "default_workflow" / "runs"
+    exports = [p for p in runs.rglob("model.onnx.data") if p.stat().st_size == fp32_data.stat().st_size]
+    assert exports and all(p.stat().st_nlink == 1 for p in exports)
 
 
 def test_variant_folders_are_clean_genai_folders(qwen_variants):
