@@ -1,7 +1,8 @@
 """Conversion speed and memory: the 4-variant sweep against standalone Olive runs and the bare builder.
 
 On the Qwen2.5-0.5B-shaped model (benchmarks/make_qwen05_shape.py, 494M parameters), side by side in one run,
-each measurement a fresh subprocess with its own empty cache, timed wall-clock. Peak RSS two ways: wait4's
+each measurement a fresh subprocess with its own empty cache, timed wall-clock, started after an os.sync() so it
+does not pay for the writeback of the run before it. Peak RSS two ways: wait4's
 (the largest single process among it and its descendants) and the process tree's summed RSS, sampled every
 50 ms; the memory goal uses the tree's, since the sweep validates one variant while it builds the next:
 
@@ -102,6 +103,7 @@ class TreeRssSampler(threading.Thread):
 def measure(name: str, cmd: list[str], cwd: Path | None = None, env: dict | None = None) -> dict:
     """Run cmd to completion: wall seconds; peak RSS (MB) of its largest process (wait4) and of the whole
     process tree at once (sampled)."""
+    os.sync()  # write back what the run before left dirty, so no run pays for another's writeback
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, env={**ENV, **(env or {})}, stdout=subprocess.PIPE,
