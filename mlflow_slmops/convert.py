@@ -444,24 +444,16 @@ def _deferred_output_copy(deferred: list[tuple[Path, Path]]) -> Iterator[None]:
     import olive.resource_path as resource_path
     from olive.cache import OliveCache
 
-    original_save, original_copy_dir = OliveCache.save_model, resource_path.copy_dir
-
     def record_copy(src_dir, dst_dir, **_kwargs):
         Path(dst_dir).mkdir(parents=True, exist_ok=True)
         deferred.append((Path(src_dir), Path(dst_dir)))
 
     def save_model(self, *args, **kwargs):  # only the final save's folder copies are deferred
-        resource_path.copy_dir = record_copy
-        try:
+        with olive_speedups.patched(resource_path, "copy_dir", record_copy):
             return original_save(self, *args, **kwargs)
-        finally:
-            resource_path.copy_dir = original_copy_dir
 
-    OliveCache.save_model = save_model
-    try:
+    with olive_speedups.patched(OliveCache, "save_model", save_model) as original_save:
         yield
-    finally:
-        OliveCache.save_model = original_save
 
 
 def _finish_copies(deferred: list[tuple[Path, Path]], link: bool) -> None:

@@ -60,7 +60,7 @@ def speedups() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _patched(owner, name: str, replacement) -> Iterator[object]:
+def patched(owner, name: str, replacement) -> Iterator[object]:
     """Set ``owner.name`` to replacement for the block and yield the original; leave an absent name alone."""
     original = getattr(owner, name, None)
     if original is None:
@@ -91,7 +91,7 @@ def _memoized_model_identifier() -> Iterator[None]:
             _OLIVE_ID_MEMO[key] = original_id(self)
         return _OLIVE_ID_MEMO[key]
 
-    with _patched(ModelConfig, "get_model_identifier", memoized_id):
+    with patched(ModelConfig, "get_model_identifier", memoized_id):
         yield
 
 
@@ -115,7 +115,7 @@ def _known_file_hashes() -> Iterator[None]:
         known = _KNOWN_SHA256.get((str(filename), st.st_size, st.st_mtime_ns, st.st_ino))
         return known if known is not None else original_hash_file(filename, block_size)
 
-    with _patched(model_config, "hash_file", hash_file):
+    with patched(model_config, "hash_file", hash_file):
         yield
 
 
@@ -126,7 +126,7 @@ def _fast_block_quantization() -> Iterator[None]:
     def quantize_ndarray(self, data, quantize_axis, block_size, is_symmetric, bits=4):
         return block_quantize(data, quantize_axis, block_size, is_symmetric, bits)
 
-    with _patched(Rtn, "_quantize_ndarray", quantize_ndarray):
+    with patched(Rtn, "_quantize_ndarray", quantize_ndarray):
         yield
 
 
@@ -137,10 +137,10 @@ def _rtn_reads_weights_in_place() -> Iterator[None]:
 
     def run_for_config(self, model, config, output_model_path):
         # Olive's pass calls onnx_ir.external_data.load_to_model(ir_model) first: leave the tensors mapped.
-        with _patched(onnx_ir.external_data, "load_to_model", lambda ir_model: ir_model):
+        with patched(onnx_ir.external_data, "load_to_model", lambda ir_model: ir_model):
             return original(self, model, config, output_model_path)
 
-    with _patched(Rtn, "_run_for_config", run_for_config) as original:
+    with patched(Rtn, "_run_for_config", run_for_config) as original:
         yield
 
 
@@ -160,7 +160,7 @@ def _parallel_external_data_writes() -> Iterator[None]:
             kwargs["max_workers"] = os.cpu_count() or 1
         return original_save(model, path, *args, **kwargs)
 
-    with _patched(onnx_ir, "save", save):
+    with patched(onnx_ir, "save", save):
         yield
 
 
