@@ -191,9 +191,13 @@ def block_quantize(data: np.ndarray, quantize_axis: int, block_size: int, is_sym
     n = int(np.prod(data.shape[quantize_axis + 1:], dtype=np.int64))
     k_blocks = (k + block_size - 1) // block_size
     rows = data.reshape((m, k, n))
-    quantized = np.empty((m, k, n), dtype=np.int8 if is_symmetric else np.uint8)
+    packs = bits <= 4  # two values to a byte along the quantized axis, as Olive stores them
+    quantized = np.empty((m, (k + 1) // 2 if packs else k, n), dtype=np.uint8)
     scales = np.empty((m, k_blocks, n), dtype=data.dtype)
-    zero_points = None if is_symmetric else np.empty((m, k_blocks, n), dtype=np.uint8)
+    zero_points = None if is_symmetric else np.empty((m, (k_blocks + 1) // 2 if packs else k_blocks, n), np.uint8)
+    # Olive stores symmetric values offset by 2^(bits-1) as uint8: int16(q) + offset, cast to uint8 (wrapping),
+    # which is exactly the uint8 view of q plus the offset, wrapping.
+    offset = np.uint8(1 << (bits - 1))
     whole = k // block_size
     # (first column, blocks, block length): the whole blocks at once, then the short last block if any.
     spans = [(0, whole, block_size)] if whole else []
@@ -201,19 +205,27 @@ def block_quantize(data: np.ndarray, quantize_axis: int, block_size: int, is_sym
         spans.append((whole * block_size, 1, k - whole * block_size))
 
     def quantize_rows(r0: int, r1: int) -> None:
+        """Rows r0:r1 start to finish (quantize, offset, pack) on one thread: every step runs on every core."""
+        q_rows = np.empty((r1 - r0, k, n), dtype=np.uint8)
+        zp_rows = None if is_symmetric else np.empty((r1 - r0, k_blocks, n), dtype=np.uint8)
         for c0, count, length in spans:
             c1, b0 = c0 + count * length, c0 // block_size
             blocks = rows[r0:r1, c0:c1, :].reshape((r1 - r0, count, length, n))
             q, scale, zero_point = _quantize_blocks(blocks, bits, is_symmetric)
-            quantized[r0:r1, c0:c1, :] = q.reshape((r1 - r0, count * length, n))
+            if is_symmetric:
+                q = q.view(np.uint8) + offset
+            q_rows[:, c0:c1, :] = q.reshape((r1 - r0, count * length, n))
             scales[r0:r1, b0:b0 + count, :] = scale.reshape((r1 - r0, count, n))
-            if zero_points is not None:
-                zero_points[r0:r1, b0:b0 + count, :] = zero_point.reshape((r1 - r0, count, n))
+            if zp_rows is not None:
+                zp_rows[:, b0:b0 + count, :] = zero_point.reshape((r1 - r0, count, n))
+        quantized[r0:r1] = _pack_int4(q_rows) if packs else q_rows
+        if zero_points is not None:
+            zero_points[r0:r1] = _pack_int4(zp_rows) if packs else zp_rows
 
     chunks = [(r, min(r + QUANT_ROWS_PER_CHUNK, m)) for r in range(0, m, QUANT_ROWS_PER_CHUNK)]
     with ThreadPoolExecutor(max(1, min(os.cpu_count() or 1, len(chunks)))) as pool:
         list(pool.map(lambda chunk: quantize_rows(*chunk), chunks))
-    return _pack(quantized, scales, zero_points, data.shape, quantize_axis, bits, is_symmetric)
+    return _olive_shapes(quantized, scales, zero_points, data.shape, quantize_axis)
 
 
 def _quantize_blocks(blocks: np.ndarray, bits: int, is_symmetric: bool):
@@ -236,25 +248,13 @@ def _quantize_blocks(blocks: np.ndarray, bits: int, is_symmetric: bool):
         return q, scale, zero_point
 
 
-def _pack(quantized: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, shape: tuple,
-          axis: int, bits: int, is_symmetric: bool):
-    """Olive's layout: unsigned values (symmetric ones offset by 2^(bits-1)), 4-bit ones packed along ``axis``."""
-    scales_shape = list(shape)
-    scales_shape[axis] = scales.shape[1]
-    scales = scales.reshape(scales_shape)
-    if is_symmetric:
-        quantized = (quantized.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)
-    if bits > 4:
-        zp = zero_points.reshape(scales_shape) if zero_points is not None else None
-        return quantized.reshape(shape), scales, zp
-    packed_shape = list(shape)
-    packed_shape[axis] = (packed_shape[axis] + 1) // 2
-    packed = _pack_int4(quantized).reshape(packed_shape)
-    if zero_points is None:
-        return packed, scales, None
-    zp_shape = list(scales_shape)
-    zp_shape[axis] = (zp_shape[axis] + 1) // 2
-    return packed, scales, _pack_int4(zero_points).reshape(zp_shape)
+def _olive_shapes(quantized: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, shape: tuple,
+                 axis: int):
+    """(m, k', n) results in Olive's shapes: the input's, with axis ``axis`` the packed or the block count."""
+    def along_axis(array: np.ndarray) -> np.ndarray:
+        return array.reshape([*shape[:axis], array.shape[1], *shape[axis + 1:]])
+
+    return along_axis(quantized), along_axis(scales), None if zero_points is None else along_axis(zero_points)
 
 
 def _pack_int4(data: np.ndarray) -> np.ndarray:
