@@ -1,4 +1,4 @@
-"""The one user-facing error type. The CLI prints it as one line and exits non-zero."""
+"""The class behind ``mlflow_slmops.errors.SlmopsError``; import it from there (see errors.py for why)."""
 
 from __future__ import annotations
 
@@ -31,3 +31,6 @@ class SlmopsError(MlflowException):
 
     def one_line(self) -> str:
         return self.message
+
+
+SlmopsError.__module__ = "mlflow_slmops.errors"  # its public home: reprs, pickles and docs name that

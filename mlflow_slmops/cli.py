@@ -11,8 +11,7 @@ import sys
 
 import click
 
-from mlflow_slmops import __version__
-from mlflow_slmops.errors import SlmopsError
+from mlflow_slmops import __version__, errors
 
 EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -25,19 +24,21 @@ def friendly_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from mlflow.exceptions import MlflowException
-
+        # The except clauses name their classes only when an exception arrives: `slmops convert` imports
+        # MLflow (a second) only if it has an MLflow error to print (see mlflow_slmops/errors.py).
         try:
             return fn(*args, **kwargs)
-        except SlmopsError as exc:
-            click.echo(f"Error: {exc.message}", err=True)
-            sys.exit(EXIT_USER_ERROR)
-        except MlflowException as exc:
-            click.echo(f"Error: {' '.join(str(exc.message).split())}", err=True)
-            sys.exit(EXIT_USER_ERROR)
         except KeyboardInterrupt:
             click.echo("Interrupted; partial output was removed.", err=True)
             sys.exit(EXIT_INTERRUPTED)
+        except SystemExit:
+            raise
+        except errors.SlmopsError as exc:
+            click.echo(f"Error: {exc.message}", err=True)
+            sys.exit(EXIT_USER_ERROR)
+        except _mlflow_exception() as exc:
+            click.echo(f"Error: {' '.join(str(exc.message).split())}", err=True)
+            sys.exit(EXIT_USER_ERROR)
         except OSError as exc:
             # A copy names its source first and its destination second: the destination is what failed to write.
             target = getattr(exc, "filename2", None) or getattr(exc, "filename", None)
@@ -46,6 +47,12 @@ def friendly_errors(fn):
             sys.exit(EXIT_USER_ERROR)
 
     return wrapper
+
+
+def _mlflow_exception() -> type[Exception]:
+    from mlflow.exceptions import MlflowException
+
+    return MlflowException
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -138,7 +145,7 @@ def sweep_cmd(model, variants, variants_file, output, cache_dir, text, qa, promp
     from mlflow_slmops import sweep
 
     if not model and not resume_run_id:
-        raise SlmopsError("no model given", "pass --model PATH (or --resume RUN_ID)")
+        raise errors.SlmopsError("no model given", "pass --model PATH (or --resume RUN_ID)")
     req = None if resume_run_id else sweep.SweepRequest(
         model=model, variants=variants, variants_file=variants_file, output=output, cache_dir=cache_dir,
         text=text, qa=qa, prompt_len=prompt_len, gen_len=gen_len, repeats=repeats,
@@ -236,11 +243,11 @@ def convert_cmd(model, variants, output, variants_file, cache_dir, trust_remote_
                                        link=not copy_files)
     Console(width=200).print(convert.results_table(results))
     if not any(r.status == convert.STATUS_OK for r in results):
-        errors = {r.error for r in results}
-        if len(errors) == 1:  # one cause (a full disk, a read-only output): say it, with its fix
-            raise SlmopsError(f"every variant failed ({', '.join(r.spec.name for r in results)}): {errors.pop()}")
-        raise SlmopsError(f"every variant failed ({', '.join(r.spec.name for r in results)})",
-                          "read each variant's error in the table above")
+        causes = {r.error for r in results}
+        failed = f"every variant failed ({', '.join(r.spec.name for r in results)})"
+        if len(causes) == 1:  # one cause (a full disk, a read-only output): say it, with its fix
+            raise errors.SlmopsError(f"{failed}: {causes.pop()}")
+        raise errors.SlmopsError(failed, "read each variant's error in the table above")
 
 
 def _print_metrics(title: str, values: dict[str, float]) -> None:
@@ -284,8 +291,8 @@ def benchmark_cmd(model_dir, prompt_len, gen_len, repeats, warmup, prompt_lens, 
     try:
         lens = tuple(int(float(x)) for x in prompt_lens.split(",") if x.strip())
     except ValueError:
-        raise SlmopsError(f"--prompt-lens {prompt_lens!r} is not a comma-separated list of integers",
-                          "pass for example --prompt-lens 32,128,512")
+        raise errors.SlmopsError(f"--prompt-lens {prompt_lens!r} is not a comma-separated list of integers",
+                                 "pass for example --prompt-lens 32,128,512")
     config = benchmark.BenchmarkConfig(prompt_len=prompt_len, gen_len=gen_len, repeats=repeats, warmup=warmup,
                                        prompt_lens=lens)
     if not no_log:

@@ -45,8 +45,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Callable, Iterator
 
-from mlflow_slmops import modeldir, olive_speedups
-from mlflow_slmops.errors import SlmopsError
+from mlflow_slmops import errors, modeldir, olive_speedups
 from mlflow_slmops.variants import VariantSpec
 
 logger = logging.getLogger(__name__)
@@ -157,21 +156,22 @@ def check_hf_model_dir(model_dir: str | Path, trust_remote_code: bool = False) -
     """
     path = Path(model_dir)
     if not path.exists():
-        raise SlmopsError(f"model folder {path} does not exist", "pass the Hugging Face model folder with --model")
+        raise errors.SlmopsError(f"model folder {path} does not exist",
+                                 "pass the Hugging Face model folder with --model")
     if not path.is_dir():
-        raise SlmopsError(f"model path {path} is a file, expected a Hugging Face model folder",
-                          "pass the folder that holds config.json")
+        raise errors.SlmopsError(f"model path {path} is a file, expected a Hugging Face model folder",
+                                 "pass the folder that holds config.json")
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
-        raise SlmopsError(f"{path} has no config.json, so it is not a Hugging Face model folder",
-                          "pass the folder written by save_pretrained (config.json, weights, tokenizer)")
+        raise errors.SlmopsError(f"{path} has no config.json, so it is not a Hugging Face model folder",
+                                 "pass the folder written by save_pretrained (config.json, weights, tokenizer)")
     try:
         config = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SlmopsError(f"{cfg_path} is not valid JSON ({exc})", "re-save the model with save_pretrained")
+        raise errors.SlmopsError(f"{cfg_path} is not valid JSON ({exc})", "re-save the model with save_pretrained")
     if not isinstance(config, dict):
-        raise SlmopsError(f"{cfg_path} holds a JSON {type(config).__name__}, expected an object",
-                          "re-save the model with save_pretrained")
+        raise errors.SlmopsError(f"{cfg_path} holds a JSON {type(config).__name__}, expected an object",
+                                 "re-save the model with save_pretrained")
     _check_remote_code(cfg_path, config, trust_remote_code)
     _check_architecture(cfg_path, config)
     _check_weights_and_tokenizer(path)
@@ -182,7 +182,7 @@ def _check_remote_code(cfg_path: Path, config: dict, trust_remote_code: bool) ->
     if config.get("auto_map") and not trust_remote_code:
         modules = ", ".join(sorted({str(v).split(".")[0] for v in config["auto_map"].values()
                                     if isinstance(v, str)})) or "custom modules"
-        raise SlmopsError(
+        raise errors.SlmopsError(
             f"{cfg_path} asks for trust_remote_code (auto_map runs {modules} from the model folder), "
             "which is not allowed",
             "review that code, then pass --trust-remote-code to run it",
@@ -195,7 +195,7 @@ def _check_architecture(cfg_path: Path, config: dict) -> None:
     arch = archs[0] if isinstance(archs, list) and archs else None
     if arch not in supported:
         found = f"architecture {arch!r}" if arch else "no architectures entry"
-        raise SlmopsError(
+        raise errors.SlmopsError(
             f"{cfg_path} has {found}, which the onnxruntime-genai builder cannot convert; "
             f"supported: {', '.join(supported)}",
             UNSUPPORTED_HINT,
@@ -205,11 +205,11 @@ def _check_architecture(cfg_path: Path, config: dict) -> None:
 def _check_weights_and_tokenizer(path: Path) -> None:
     weights = list(path.glob("*.safetensors")) + list(path.glob("pytorch_model*.bin"))
     if not weights:
-        raise SlmopsError(f"{path} has no weights (*.safetensors or pytorch_model*.bin)",
-                          "pass the folder written by save_pretrained, weights included")
+        raise errors.SlmopsError(f"{path} has no weights (*.safetensors or pytorch_model*.bin)",
+                                 "pass the folder written by save_pretrained, weights included")
     if not modeldir.has_tokenizer(path):
-        raise SlmopsError(f"{path} has no tokenizer (expected one of {', '.join(modeldir.TOKENIZER_FILES)})",
-                          "save the tokenizer into the model folder with tokenizer.save_pretrained")
+        raise errors.SlmopsError(f"{path} has no tokenizer (expected one of {', '.join(modeldir.TOKENIZER_FILES)})",
+                                 "save the tokenizer into the model folder with tokenizer.save_pretrained")
 
 
 # ---------------------------------------------------------------- cache keys
@@ -234,13 +234,13 @@ def check_cache_dir(cache_dir: str | Path | None) -> Path:
     root = Path(cache_dir).expanduser().absolute() if cache_dir else default_cache_dir()
     for folder in (root, *root.parents):
         if folder.exists() and not folder.is_dir():
-            raise SlmopsError(f"conversion cache path {folder} is a file, expected a folder", CACHE_DIR_HINT)
+            raise errors.SlmopsError(f"conversion cache path {folder} is a file, expected a folder", CACHE_DIR_HINT)
     try:
         root.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=root):  # a read-only folder or mount fails here, not mid-sweep
             pass
     except OSError as exc:
-        raise SlmopsError(f"conversion cache {root} is not writable ({exc.strerror or exc})", CACHE_DIR_HINT)
+        raise errors.SlmopsError(f"conversion cache {root} is not writable ({exc.strerror or exc})", CACHE_DIR_HINT)
     return root
 
 
@@ -503,13 +503,13 @@ def _olive_failure(log_path: Path) -> Exception:
     text = log_path.read_text(encoding="utf-8", errors="replace") if log_path.is_file() else ""
     causes = re.findall(r"^(\w+(?:Error|Exception)): (.+)$", text, flags=re.M)
     if not causes:
-        return SlmopsError(f"Olive wrote no model for this variant (log: {log_path})",
-                           "check the execution provider and precision are a valid pair")
+        return errors.SlmopsError(f"Olive wrote no model for this variant (log: {log_path})",
+                                  "check the execution provider and precision are a valid pair")
     kind, detail = causes[-1]
     errno_match = re.match(r"\[Errno (\d+)\] (.*)", detail)
     if kind == "OSError" and errno_match:  # a full disk or quota: report it as the OSError it was
         return OSError(int(errno_match.group(1)), errno_match.group(2).strip())
-    return SlmopsError(f"Olive failed: {kind}: {detail.strip()}", f"see the log {log_path}")
+    return errors.SlmopsError(f"Olive failed: {kind}: {detail.strip()}", f"see the log {log_path}")
 
 
 def _clean_genai_dir(folder: Path) -> None:
@@ -542,8 +542,9 @@ def validate_genai_dir(folder: str | Path, spec: VariantSpec,
     modeldir.check_genai_dir(folder)
     outputs = _graph_outputs(folder)
     if LOGITS not in outputs:
-        raise SlmopsError(f"{folder}: the model has no {LOGITS!r} output (outputs: {', '.join(outputs[:3])}...), "
-                          "so onnxruntime-genai cannot load it", "rename the output back to logits")
+        raise errors.SlmopsError(f"{folder}: the model has no {LOGITS!r} output "
+                                 f"(outputs: {', '.join(outputs[:3])}...), so onnxruntime-genai cannot load it",
+                                 "rename the output back to logits")
     if spec.build_only:
         return ({"loaded": False, "reason": f"{spec.execution_provider} is not available on this machine"},
                 modeldir.weights_hash(folder))
@@ -558,11 +559,11 @@ def validate_genai_dir(folder: str | Path, spec: VariantSpec,
             proc.wait()
     if proc.returncode != 0:
         last = (err.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
-        raise SlmopsError(f"{folder} does not load or generate with onnxruntime-genai: {last}",
-                          "check the variant's Olive passes")
+        raise errors.SlmopsError(f"{folder} does not load or generate with onnxruntime-genai: {last}",
+                                 "check the variant's Olive passes")
     new_tokens = json.loads(out.strip().splitlines()[-1])["new_tokens"]
     if not new_tokens:
-        raise SlmopsError(f"{folder} loads but generated no tokens", "check the variant's Olive passes")
+        raise errors.SlmopsError(f"{folder} loads but generated no tokens", "check the variant's Olive passes")
     return {"loaded": True, "new_tokens": len(new_tokens)}, weights_sha256
 
 
@@ -743,8 +744,9 @@ def _olive_build(job: _Job) -> None:
             except BaseException as exc:
                 dirs.remove_debris()  # we hold the lock, so every incomplete Olive run is ours
                 # A full disk stays an OSError, reported as such; anything else Olive raised gets the log's path.
-                if isinstance(exc, Exception) and not isinstance(exc, (OSError, SlmopsError)):
-                    raise SlmopsError(f"Olive failed: {type(exc).__name__}: {exc}", f"see the log {log_path}") from exc
+                if isinstance(exc, Exception) and not isinstance(exc, (OSError, errors.SlmopsError)):
+                    raise errors.SlmopsError(f"Olive failed: {type(exc).__name__}: {exc}",
+                                             f"see the log {log_path}") from exc
                 raise
     finally:
         release_memory()
@@ -789,8 +791,8 @@ def _finish(job: _Job, cancel: threading.Event | None = None) -> ConversionResul
         if final.exists():
             if not _same_model(job.dirs.entry(job.key), final, job.manifest["weights_sha256"]) or \
                     modeldir.read_json_or_empty(final / OLIVE_CONFIG_FILE) != olive_cfg:
-                raise SlmopsError(f"{final} already exists and holds something else",
-                                  "pass another --output folder, or move that folder away")
+                raise errors.SlmopsError(f"{final} already exists and holds something else",
+                                         "pass another --output folder, or move that folder away")
         else:
             _publish(job.dirs.entry(job.key), final, olive_cfg, job.link)
     except Exception as exc:
@@ -848,7 +850,7 @@ def _same_model(entry: Path, existing: Path, weights_sha256: str) -> bool:
         return True  # hardlinks of the entry itself
     try:
         return modeldir.weights_hash(existing) == weights_sha256
-    except SlmopsError:
+    except errors.SlmopsError:
         return False
 
 
@@ -910,7 +912,7 @@ def _remove_if_empty(folders: list[Path]) -> None:
 def _check_output_path(final: Path) -> None:
     for parent in [final.parent, *final.parent.parents]:
         if parent.exists() and not parent.is_dir():
-            raise SlmopsError(f"output path {parent} is a file, expected a folder", "pass a folder for --output")
+            raise errors.SlmopsError(f"output path {parent} is a file, expected a folder", "pass a folder for --output")
 
 
 def _failed(spec: VariantSpec, error: str, start: float) -> ConversionResult:
@@ -919,7 +921,7 @@ def _failed(spec: VariantSpec, error: str, start: float) -> ConversionResult:
 
 
 def _error_text(exc: BaseException) -> str:
-    if isinstance(exc, SlmopsError):
+    if isinstance(exc, errors.SlmopsError):
         return exc.message
     if isinstance(exc, OSError):
         target = exc.filename2 or exc.filename  # a copy names its source, then the destination that failed

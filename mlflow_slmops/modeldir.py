@@ -12,7 +12,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mlflow_slmops.errors import SlmopsError
+from mlflow_slmops import errors
 
 GENAI_CONFIG = "genai_config.json"
 TOKENIZER_JSON = "tokenizer.json"
@@ -56,16 +56,18 @@ def _read_json(path: Path, what: str) -> dict:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise SlmopsError(f"cannot read {what} {path}: {exc.strerror or exc}", "check the file exists and is readable")
+        raise errors.SlmopsError(f"cannot read {what} {path}: {exc.strerror or exc}",
+                                 "check the file exists and is readable")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise SlmopsError(
+        raise errors.SlmopsError(
             f"{what} {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})",
             "re-export the model folder or fix the file",
         )
     if not isinstance(data, dict):
-        raise SlmopsError(f"{what} {path} holds a JSON {type(data).__name__}, expected an object", "re-export the model")
+        raise errors.SlmopsError(f"{what} {path} holds a JSON {type(data).__name__}, expected an object",
+                                 "re-export the model")
     return data
 
 
@@ -73,19 +75,21 @@ def read_genai_config(model_dir: str | Path) -> dict:
     """Read and minimally validate genai_config.json; raise SlmopsError naming the file on any fault."""
     model_dir = Path(model_dir)
     if not model_dir.exists():
-        raise SlmopsError(f"model folder {model_dir} does not exist", "pass the folder that holds genai_config.json")
+        raise errors.SlmopsError(f"model folder {model_dir} does not exist",
+                                 "pass the folder that holds genai_config.json")
     if not model_dir.is_dir():
-        raise SlmopsError(f"model path {model_dir} is a file, expected a folder", "pass the folder that holds genai_config.json")
+        raise errors.SlmopsError(f"model path {model_dir} is a file, expected a folder",
+                                 "pass the folder that holds genai_config.json")
     cfg_path = model_dir / GENAI_CONFIG
     if not cfg_path.is_file():
-        raise SlmopsError(
+        raise errors.SlmopsError(
             f"{model_dir} has no {GENAI_CONFIG}, so it is not an ONNX Runtime GenAI model folder",
             "convert the Hugging Face model first with `slmops convert`",
         )
     cfg = _read_json(cfg_path, GENAI_CONFIG)
     decoder = cfg.get("model", {}).get("decoder") if isinstance(cfg.get("model"), dict) else None
     if not isinstance(decoder, dict) or "filename" not in decoder:
-        raise SlmopsError(
+        raise errors.SlmopsError(
             f"{cfg_path} has no model.decoder.filename, expected the layout onnxruntime-genai writes",
             "re-export the model folder with the model builder",
         )
@@ -113,20 +117,22 @@ def check_onnx_files(model_dir: Path, filename: str) -> list[str]:
     onnx_path = model_dir / filename
     ensure_inside(model_dir, onnx_path, what=f"{GENAI_CONFIG} model.decoder.filename")
     if not onnx_path.is_file():
-        raise SlmopsError(f"{onnx_path} is missing (named by {GENAI_CONFIG})", "re-export the model folder")
+        raise errors.SlmopsError(f"{onnx_path} is missing (named by {GENAI_CONFIG})", "re-export the model folder")
     try:
         refs = _external_data_refs(onnx_path)
     except Exception as exc:  # onnx raises DecodeError and others for a corrupt protobuf
-        raise SlmopsError(f"{onnx_path} is not a readable ONNX model ({type(exc).__name__})", "re-export the model folder")
+        raise errors.SlmopsError(f"{onnx_path} is not a readable ONNX model ({type(exc).__name__})",
+                                 "re-export the model folder")
     files = [filename]
     for loc, needed in refs.items():
         data_path = (model_dir / loc)
         ensure_inside(model_dir, data_path, what=f"external data of {filename}")
         if not data_path.is_file():
-            raise SlmopsError(f"{data_path} is missing (external data of {filename})", "copy the whole model folder")
+            raise errors.SlmopsError(f"{data_path} is missing (external data of {filename})",
+                                     "copy the whole model folder")
         have = data_path.stat().st_size
         if have < needed:
-            raise SlmopsError(
+            raise errors.SlmopsError(
                 f"{data_path} is truncated: {have} bytes, the model needs {needed}",
                 "copy or download the model folder again",
             )
@@ -139,7 +145,7 @@ def ensure_inside(root: Path, candidate: Path, what: str = "file") -> None:
     root_r = Path(root).resolve()
     cand_r = Path(candidate).resolve()
     if cand_r != root_r and root_r not in cand_r.parents:
-        raise SlmopsError(
+        raise errors.SlmopsError(
             f"{what} {candidate} points outside the model folder {root} (to {cand_r})",
             "remove the symlink or absolute/.. path and copy the real file into the folder",
         )
@@ -203,7 +209,7 @@ def check_genai_dir(model_dir: str | Path) -> GenaiDirInfo:
     decoder = cfg["model"]["decoder"]
     onnx_files = check_onnx_files(model_dir, decoder["filename"])
     if not has_tokenizer(model_dir):
-        raise SlmopsError(
+        raise errors.SlmopsError(
             f"{model_dir} has no tokenizer (expected one of {', '.join(TOKENIZER_FILES)})",
             "copy the tokenizer files from the Hugging Face model folder",
         )

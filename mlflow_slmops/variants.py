@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlflow_slmops.errors import SlmopsError
+from mlflow_slmops import errors
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 QUANTIZED_PRECISIONS = ("int8", "int4")
@@ -60,8 +60,8 @@ def _choices(values) -> str:
     return ", ".join(str(v) for v in values)
 
 
-def _bad(field_name: str, value: Any, valid, variant: str, extra: str = "") -> SlmopsError:
-    return SlmopsError(
+def _bad(field_name: str, value: Any, valid, variant: str, extra: str = "") -> errors.SlmopsError:
+    return errors.SlmopsError(
         f"variant {variant!r}: invalid {field_name} {value!r}{extra}; valid choices: {_choices(valid)}",
         f"fix {field_name} in the variant definition (docs/variants.md lists every field)",
     )
@@ -126,7 +126,7 @@ class VariantSpec:
     def _check_name(self) -> None:
         if not isinstance(self.name, str) or not self.name or not set(self.name) <= _NAME_CHARS \
                 or self.name.startswith("."):
-            raise SlmopsError(
+            raise errors.SlmopsError(
                 f"invalid variant name {self.name!r}: expected letters, digits, '-', '_' or '.', not starting with '.'",
                 "rename the variant, e.g. int4-b64",
             )
@@ -143,7 +143,7 @@ class VariantSpec:
             raise _bad("device", self.device, (expected,), self.name,
                        f" for execution_provider {self.execution_provider!r}")
         if self.precision == "fp16" and self.execution_provider == "cpu":
-            raise SlmopsError(
+            raise errors.SlmopsError(
                 f"variant {self.name!r}: fp16 is built for a GPU execution provider; it does not run on the CPU one",
                 f"set execution_provider to one of: {_choices(EXECUTION_PROVIDERS[1:])}, or use fp32/int8/int4 for CPU",
             )
@@ -172,15 +172,15 @@ class VariantSpec:
     def _check_float(self) -> None:
         for key in ("block_size", "is_symmetric", "algo", "accuracy_level"):
             if getattr(self, key) is not None:
-                raise SlmopsError(
+                raise errors.SlmopsError(
                     f"variant {self.name!r}: {key} applies to int8/int4 variants, not {self.precision}",
                     f"remove {key}, or set precision to int8 or int4",
                 )
 
     def _check_builder_options(self) -> None:
         if not isinstance(self.builder_options, dict):
-            raise SlmopsError(f"variant {self.name!r}: builder_options must be a mapping, got "
-                              f"{type(self.builder_options).__name__}", "write builder_options as key: value pairs")
+            raise errors.SlmopsError(f"variant {self.name!r}: builder_options must be a mapping, got "
+                                     f"{type(self.builder_options).__name__}", "write builder_options as key: value pairs")
         unknown = sorted(set(self.builder_options) - set(BUILDER_OPTIONS))
         if unknown:
             raise _bad("builder_options key", unknown[0], BUILDER_OPTIONS, self.name)
@@ -207,15 +207,15 @@ class VariantSpec:
             32
         """
         if not isinstance(data, dict):
-            raise SlmopsError(f"a variant must be a mapping of fields, got {type(data).__name__}: {data!r}",
-                              _VARIANTS_FILE_HINT)
+            raise errors.SlmopsError(f"a variant must be a mapping of fields, got {type(data).__name__}: {data!r}",
+                                     _VARIANTS_FILE_HINT)
         name = data.get("name", "<unnamed>")
         unknown = sorted(set(data) - set(SPEC_FIELDS))
         if unknown:
             raise _bad("field", unknown[0], SPEC_FIELDS, str(name))
         for required in ("name", "precision"):
             if required not in data:
-                raise SlmopsError(f"variant {name!r} has no {required!r}", f"add {required}: to the variant")
+                raise errors.SlmopsError(f"variant {name!r} has no {required!r}", f"add {required}: to the variant")
         kwargs = dict(data)
         if kwargs.get("builder_options") is None:
             kwargs["builder_options"] = {}
@@ -261,21 +261,23 @@ def load_variants_file(path: str | Path) -> dict[str, VariantSpec]:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise SlmopsError(f"cannot read variants file {path}: {exc.strerror or exc}", "pass an existing YAML or JSON file")
+        raise errors.SlmopsError(f"cannot read variants file {path}: {exc.strerror or exc}",
+                                 "pass an existing YAML or JSON file")
     try:
         # YAML is a superset of JSON, so one parser reads both.
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise SlmopsError(f"variants file {path} is not valid YAML or JSON: {' '.join(str(exc).split())}",
-                          _VARIANTS_FILE_HINT)
+        raise errors.SlmopsError(f"variants file {path} is not valid YAML or JSON: {' '.join(str(exc).split())}",
+                                 _VARIANTS_FILE_HINT)
     entries = data.get("variants") if isinstance(data, dict) else data
     if not isinstance(entries, list) or not entries:
-        raise SlmopsError(f"variants file {path} has no list of variants", _VARIANTS_FILE_HINT)
+        raise errors.SlmopsError(f"variants file {path} has no list of variants", _VARIANTS_FILE_HINT)
     specs: dict[str, VariantSpec] = {}
     for entry in entries:
         spec = VariantSpec.from_dict(entry)
         if spec.name in specs:
-            raise SlmopsError(f"variants file {path} defines {spec.name!r} twice", "give each variant its own name")
+            raise errors.SlmopsError(f"variants file {path} defines {spec.name!r} twice",
+                                     "give each variant its own name")
         specs[spec.name] = spec
     return specs
 
@@ -295,14 +297,14 @@ def resolve_variants(names: str | list[str], variants_file: str | None = None) -
     wanted = [n.strip() for n in (names.split(",") if isinstance(names, str) else names) if n and n.strip()]
     custom = load_variants_file(variants_file) if variants_file else {}
     if not wanted:
-        raise SlmopsError("no variants requested", f"pass a comma list of presets ({_choices(PRESETS)}) "
-                          "or names from --variants-file")
+        raise errors.SlmopsError("no variants requested", f"pass a comma list of presets ({_choices(PRESETS)}) "
+                                 "or names from --variants-file")
     known = {**PRESETS, **custom}
     specs: list[VariantSpec] = []
     for name in wanted:
         if name not in known:
             custom_part = f"; in {variants_file}: {_choices(custom)}" if custom else ""
-            raise SlmopsError(
+            raise errors.SlmopsError(
                 f"unknown variant {name!r}; presets: {_choices(PRESETS)}{custom_part}",
                 "pick presets from this list, or define the variant in a file passed with --variants-file",
             )

@@ -9,6 +9,7 @@ import resource
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -197,6 +198,35 @@ def test_cached_rerun_converts_nothing_and_links_the_cached_files(qwen_variants,
         # the sweep logs this as convert_s: the original build time, not the near-zero reuse time
         assert result.build_s == qwen_variants[result.spec.name].build_s > result.convert_s
         assert os.path.samefile(first / "model.onnx.data", Path(result.output_dir) / "model.onnx.data")
+
+
+def test_cached_cli_rerun_never_imports_mlflow(qwen_variants, hf_qwen, shared_cache, tmp_path):
+    """A cached sweep takes a fraction of the second `import mlflow` costs, so `slmops convert` goes without it."""
+    code = ("import sys\nfrom mlflow_slmops.cli import main\ntry:\n    main(sys.argv[1:])\n"
+            "except SystemExit as exc:\n    print('mlflow imported:', 'mlflow' in sys.modules)\n    raise\n")
+    out = tmp_path / "out"
+    proc = run_cli([sys.executable, "-c", code, "convert", "--model", str(hf_qwen), "--variants", "fp32,int4",
+                    "--output", str(out), "--cache-dir", str(shared_cache), "--quiet"])
+    assert proc.returncode == 0, proc.stderr
+    assert "mlflow imported: False" in proc.stdout
+    for name in ("fp32", "int4"):
+        assert modeldir.weights_hash(out / name) == qwen_variants[name].weights_sha256
+
+
+def test_conversion_errors_are_still_mlflow_errors_once_raised(tmp_path):
+    """The error class is built on first use, and is the MlflowException that serving answers with HTTP 400."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, ErrorCode
+
+    from mlflow_slmops import errors
+
+    with pytest.raises(errors.SlmopsError) as raised:
+        convert.check_hf_model_dir(tmp_path / "nope")
+    assert isinstance(raised.value, MlflowException)
+    assert raised.value.error_code == ErrorCode.Name(INVALID_PARAMETER_VALUE)
+    assert type(raised.value).__module__ == "mlflow_slmops.errors"
+    with pytest.raises(ImportError):
+        from mlflow_slmops.errors import NoSuchError  # noqa: F401
 
 
 def test_copy_mode_gives_folders_onnx_load_accepts(qwen_variants, hf_qwen, shared_cache, tmp_path):
