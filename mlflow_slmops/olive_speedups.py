@@ -20,12 +20,18 @@ the same weights. ``tests/test_olive_speedups.py`` checks each against Olive's o
 - **External data written on every core.** The genai builder and Olive's passes save through ``onnx_ir.save``
   one tensor after another; for the builder that includes casting each weight to fp32 and laying it out
   contiguously (13 s for a 0.5B model). ``onnx_ir`` 1.1 writes the same bytes with ``max_workers`` threads.
+- **onnx's external data read and written on every core.** Passes built on ``onnx.load`` and ``onnx.save_model``
+  (``GraphSurgeries``, which puts the ``logits`` name back after RTN) read and append one tensor after another.
+  The replacement makes onnx's own bookkeeping first (each tensor at its file's end, onnx's location checks),
+  then reads or writes the tensors at those offsets from a thread per core. Tensors with explicit offsets (an
+  aligned layout) are left to onnx.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -39,6 +45,9 @@ SPEEDUPS_ENV = "SLMOPS_OLIVE_SPEEDUPS"
 _OLIVE_ID_MEMO: dict = {}
 # sha256 hex digests of files whose content is known, by (path, size, mtime_ns, inode): see remember_sha256.
 _KNOWN_SHA256: dict[tuple[str, int, int, int], str] = {}
+# Bytes per element of the fixed-size ONNX tensor types, by TensorProto.DataType (FLOAT, UINT8, INT8, UINT16,
+# INT16, INT32, INT64, BOOL, FLOAT16, DOUBLE, UINT32, UINT64, BFLOAT16); sub-byte and string types are measured.
+_ELEMENT_BYTES = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2}
 # Rows of the weight per task of block_quantize: small enough that a chunk's temporaries stay in a few MB.
 QUANT_ROWS_PER_CHUNK = 2048
 
@@ -164,6 +173,90 @@ def _parallel_external_data_writes() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def _parallel_onnx_external_data() -> Iterator[None]:
+    import onnx
+    import onnx.external_data_helper as helper
+
+    original_write = helper.write_external_data_tensors
+
+    def write_external_data_tensors(model, filepath):
+        tensors = [t for t in helper._get_all_tensors(model) if helper.uses_external_data(t) and t.HasField("raw_data")]
+        infos = [helper.ExternalDataInfo(t) for t in tensors]
+        if any(info.offset is not None for info in infos):  # explicit offsets or alignment: onnx's own path
+            return original_write(model, filepath)
+        files: dict[str, list[int]] = {}  # location -> [fd, size before, end of file]
+        spans = []  # (fd, offset, length) of each tensor
+        try:
+            for tensor, info in zip(tensors, infos):  # onnx's bookkeeping: each tensor appended at its file's end
+                if info.location not in files:  # onnx's own checks of the location, and the file created
+                    fd = helper._open_external_data_fd(filepath, info.location, tensor.name, False)
+                    size = os.fstat(fd).st_size
+                    files[info.location] = [fd, size, size]
+                entry = files[info.location]
+                spans.append((entry[0], entry[2], _raw_data_length(tensor)))
+                entry[2] += spans[-1][2]
+            sized_right = _on_every_core(
+                lambda i: _pwrite_all(spans[i][0], tensors[i].raw_data, spans[i][1], spans[i][2]), range(len(tensors)))
+            if not all(sized_right):  # raw_data that does not match its dims: undo, and let onnx write it
+                for fd, size, _end in files.values():
+                    os.ftruncate(fd, size)
+                return original_write(model, filepath)
+        finally:
+            for fd, _size, _end in files.values():
+                os.close(fd)
+        for tensor, info, (_fd, offset, length) in zip(tensors, infos, spans):
+            helper.set_external_data(tensor, info.location, offset, length)
+            tensor.ClearField("raw_data")
+        return model
+
+    def load_external_data_for_model(model, base_dir):
+        tensors = [t for t in helper._get_all_tensors(model) if helper.uses_external_data(t)]
+        # onnx's own read of each tensor (with its bounds checks), on every core; the protos filled in order
+        data = _on_every_core(lambda tensor: helper._read_external_data_bytes(tensor, base_dir), tensors)
+        for tensor, raw in zip(tensors, data):
+            tensor.raw_data = raw
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+
+    needed = ("_get_all_tensors", "uses_external_data", "ExternalDataInfo", "_open_external_data_fd",
+              "_read_external_data_bytes", "set_external_data")
+    if not all(hasattr(helper, name) for name in needed):  # another onnx layout: leave it alone
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        for owner in (helper, onnx):  # onnx.save_model and onnx.load_model call the names onnx/__init__ bound
+            stack.enter_context(patched(owner, "write_external_data_tensors", write_external_data_tensors))
+            stack.enter_context(patched(owner, "load_external_data_for_model", load_external_data_for_model))
+        yield
+
+
+def _on_every_core(fn: Callable, items) -> list:
+    """fn over items on a thread per core (file reads and writes release the GIL), results in order."""
+    items = list(items)
+    if len(items) < 2:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(max(1, min(os.cpu_count() or 1, len(items)))) as pool:
+        return list(pool.map(fn, items))
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int, length: int) -> bool:
+    """Write data at offset if it is ``length`` bytes long; False (nothing written) if not."""
+    if len(data) != length:
+        return False
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+    return True
+
+
+def _raw_data_length(tensor) -> int:
+    """len(tensor.raw_data) from its type and dims where the type has a fixed size: reading raw_data copies it."""
+    element = _ELEMENT_BYTES.get(tensor.data_type)
+    return element * math.prod(tensor.dims) if element else len(tensor.raw_data)
+
+
 # Each speed-up by name (benchmarks/bench_convert.py --ablate leaves them out one at a time).
 PATCHES: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
     "model-identifier-memo": _memoized_model_identifier,
@@ -171,6 +264,7 @@ PATCHES: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
     "vectorized-block-quantization": _fast_block_quantization,
     "rtn-weights-in-place": _rtn_reads_weights_in_place,
     "parallel-external-data-writes": _parallel_external_data_writes,
+    "parallel-onnx-external-data": _parallel_onnx_external_data,
 }
 
 

@@ -229,6 +229,24 @@ def test_conversion_errors_are_still_mlflow_errors_once_raised(tmp_path):
         from mlflow_slmops.errors import NoSuchError  # noqa: F401
 
 
+def test_a_sweep_freezes_survivors_only_while_it_runs_and_leaves_a_host_freeze_alone():
+    import gc
+
+    assert gc.get_freeze_count() == 0
+    with convert._gc_walks_only_new_objects():
+        convert.release_memory()
+        assert gc.get_freeze_count() > 0  # the next collection skips what survived this one
+    assert gc.get_freeze_count() == 0
+    gc.freeze()  # a host application that froze its own objects (a pre-fork server, say)
+    try:
+        host = gc.get_freeze_count()
+        with convert._gc_walks_only_new_objects():
+            convert.release_memory()
+        assert gc.get_freeze_count() == host
+    finally:
+        gc.unfreeze()
+
+
 def test_copy_mode_gives_folders_onnx_load_accepts(qwen_variants, hf_qwen, shared_cache, tmp_path):
     import onnx
 

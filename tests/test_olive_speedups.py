@@ -56,11 +56,15 @@ def test_block_quantize_matches_olive_bit_for_bit(shape, axis, block_size, is_sy
 
 def _patched_attributes() -> dict[str, object]:
     import olive.model.config.model_config as model_config
+    import onnx
     import onnx_ir
 
     rtn = _olive_rtn()
     return {"identifier": model_config.ModelConfig.get_model_identifier, "hash_file": model_config.hash_file,
-            "quantize": rtn._quantize_ndarray, "rtn_run": rtn._run_for_config, "save": onnx_ir.save}
+            "quantize": rtn._quantize_ndarray, "rtn_run": rtn._run_for_config, "save": onnx_ir.save,
+            "onnx_write": onnx.write_external_data_tensors, "onnx_load": onnx.load_external_data_for_model,
+            "helper_write": onnx.external_data_helper.write_external_data_tensors,
+            "helper_load": onnx.external_data_helper.load_external_data_for_model}
 
 
 def test_speedups_patch_olive_inside_and_restore_it_even_after_an_error():
@@ -157,3 +161,66 @@ def test_olive_model_identifier_is_the_same_with_the_hashes_the_conversion_cache
     input_model_hash(hf_qwen, tmp_path)
     with speedups():
         assert config.get_model_identifier() == stock
+
+
+def _model_of_many_tensors():
+    """Initializers of many sizes: some under onnx's 1024-byte threshold (stay inline), one empty, several MB."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(7)
+    sizes = [0, 3, 200, 255, 256, 4096, 70_000, 1_500_000] * 4
+    initializers = [numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), f"w{i}")
+                    for i, n in enumerate(sizes)]
+    nodes = [helper.make_node("Identity", [t.name], [f"out{i}"]) for i, t in enumerate(initializers)]
+    outputs = [helper.make_tensor_value_info(f"out{i}", TensorProto.FLOAT, None) for i in range(len(initializers))]
+    graph = helper.make_graph(nodes, "many", [], outputs, initializer=initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize(("one_file", "raw_data_fits_dims"), [(True, True), (False, True), (True, False)])
+def test_onnx_external_data_is_written_and_read_the_same_with_and_without_speedups(tmp_path, monkeypatch,
+                                                                                   one_file, raw_data_fits_dims):
+    import onnx
+
+    model = _model_of_many_tensors()
+    if not raw_data_fits_dims:  # sized from its dims, this tensor would be cut short: onnx's own writer takes over
+        model.graph.initializer[5].raw_data += b"\x01" * 100
+
+    def save_and_load(folder: Path) -> tuple[dict[str, bytes], bytes]:
+        folder.mkdir()
+        onnx.save_model(onnx.ModelProto.FromString(model.SerializeToString()), str(folder / "m.onnx"),
+                        save_as_external_data=True, all_tensors_to_one_file=one_file,
+                        location="m.onnx.data" if one_file else None, size_threshold=1024)
+        files = {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+        return files, onnx.load(str(folder / "m.onnx")).SerializeToString()
+
+    with speedups():
+        fast = save_and_load(tmp_path / "fast")
+    monkeypatch.setenv(SPEEDUPS_ENV, "0")
+    with speedups():
+        stock = save_and_load(tmp_path / "stock")
+    assert len(fast[0]) == 2 if one_file else len(fast[0]) > 2  # the graph; its data in one file or one per tensor
+    assert fast == stock
+    loaded = onnx.load(str(tmp_path / "fast" / "m.onnx"))
+    assert [t.raw_data for t in loaded.graph.initializer] == [t.raw_data for t in model.graph.initializer]
+
+
+def test_onnx_external_data_with_explicit_offsets_is_left_to_onnx(tmp_path):
+    """A model whose tensors already name their offsets (an aligned layout) is written by onnx's own code."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, set_external_data
+
+    model = _model_of_many_tensors()
+    big = [t for t in model.graph.initializer if len(t.raw_data) >= 1024]
+    expected = {t.name: t.raw_data for t in big}
+    offsets, offset = {}, 0
+    for tensor in big:
+        offsets[tensor.name] = offset
+        set_external_data(tensor, "m.onnx.data", offset=offset)
+        offset += (len(tensor.raw_data) + 4095) // 4096 * 4096  # 4 KiB aligned: gaps between tensors
+    with speedups():
+        onnx.save_model(model, str(tmp_path / "m.onnx"))
+    header = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    assert {t.name: ExternalDataInfo(t).offset for t in header.graph.initializer if t.name in offsets} == offsets
+    loaded = onnx.load(str(tmp_path / "m.onnx"))
+    assert {t.name: t.raw_data for t in loaded.graph.initializer if t.name in expected} == expected
