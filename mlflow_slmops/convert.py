@@ -72,7 +72,8 @@ VALIDATE_TIMEOUT_S = 900
 TOOL_PACKAGES = ("olive-ai", "onnxruntime-genai", "onnxruntime")
 # Where `olive run --config olive_config.json` writes, relative to the folder it is run from.
 REPRODUCE_OUTPUT_DIR = "olive-output"
-_HASH_CHUNK = 1 << 20
+# 16 MiB: each chunk re-takes the GIL once, and Olive is being imported on another thread meanwhile.
+_HASH_CHUNK = 1 << 24
 PUBLISHED_FILE_MODE = 0o644
 # A build folder in tmp/ is named "<key prefix>-<pid>-<random>", so debris cleanup can spare live builds.
 WORK_PID_SEP = "-"
