@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -108,6 +109,8 @@ print(json.dumps({"new_tokens": new}))
 _FREEZE_SURVIVORS = threading.Event()
 # The thread importing Olive while the input model is hashed (see _import_olive_in_background).
 _olive_import: threading.Thread | None = None
+# Set by a Ctrl-C during a conversion (see _sigint_noted).
+_SIGINT_SEEN = threading.Event()
 
 
 @dataclass
@@ -279,11 +282,13 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def input_model_hash(model_dir: str | Path, cache_dir: str | Path | None = None) -> str:
+def input_model_hash(model_dir: str | Path, cache_dir: str | Path | None = None,
+                     on_new_file: Callable[[], None] | None = None) -> str:
     """sha256 over the names and contents of a model folder's files.
 
     Per-file hashes are remembered in ``<cache_dir>/input-hashes.json`` keyed by path, size, mtime and
-    inode, so an unchanged 2 GB model is not re-read on every sweep.
+    inode, so an unchanged 2 GB model is not re-read on every sweep. ``on_new_file`` is called once, before
+    the first file that has to be read.
     """
     model_dir = Path(model_dir).resolve()
     memo_path = Path(cache_dir) / "input-hashes.json" if cache_dir else None
@@ -294,8 +299,8 @@ def input_model_hash(model_dir: str | Path, cache_dir: str | Path | None = None)
         st = path.stat()
         file_hash = _remembered_hash(memo, path, st)
         if file_hash is None:
-            if not changed:  # an input not seen before: every variant of it is built, so Olive will be needed
-                _import_olive_in_background()
+            if not changed and on_new_file is not None:
+                on_new_file()
             file_hash = _sha256_file(path)
             memo[str(path)] = [st.st_size, st.st_mtime_ns, st.st_ino, file_hash]
             changed = True
@@ -314,8 +319,9 @@ def _remembered_hash(memo: dict, path: Path, st: os.stat_result) -> str | None:
 
 def _import_olive_in_background() -> None:
     """Import Olive (5 to 6 s of one core) on a thread while this one hashes the input model (the hashing
-    releases the GIL); ``_run_olive`` waits for it. Only where a build is certain: a cached sweep never
-    imports Olive."""
+    releases the GIL). Started only for an input file not hashed before, so a build is all but certain and
+    a cached sweep never imports Olive; ``_run_olive``, and every conversion before it returns, wait for it,
+    so no other code imports Olive's modules while it does."""
     global _olive_import
     if _olive_import is None and "olive.workflows" not in sys.modules:
         _olive_import = threading.Thread(target=_import_olive, name="slmops-import-olive", daemon=True)
@@ -326,6 +332,39 @@ def _import_olive() -> None:
     with contextlib.suppress(Exception):  # the import in _run_olive raises it again, where it is reported
         _quiet_olive_telemetry()
         import olive.workflows  # noqa: F401
+
+
+@contextlib.contextmanager
+def _sigint_noted() -> Iterator[None]:
+    """Note each Ctrl-C as it arrives, then let the handler in place raise KeyboardInterrupt as ever.
+
+    pybind11 turns a KeyboardInterrupt raised while an extension module initializes (Olive's passes import
+    onnxruntime-genai's mid-run) into ``ImportError: initialization failed``: without the note, the interrupt
+    would become a failed variant, and the next variant's import would fail on the half-registered module.
+    Only the main thread can set signal handlers; elsewhere this does nothing.
+    """
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+        yield
+        return
+
+    def note_and_raise(signum, frame):
+        _SIGINT_SEEN.set()
+        previous(signum, frame)
+
+    signal.signal(signal.SIGINT, note_and_raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        _SIGINT_SEEN.clear()
+
+
+def _wait_for_olive_import() -> None:
+    global _olive_import
+    if _olive_import is not None:
+        _olive_import.join()
+        _olive_import = None
 
 
 def entry_key(input_hash: str, spec: VariantSpec, trust_remote_code: bool = False) -> str:
@@ -453,8 +492,7 @@ def _captured_output(log_path: Path) -> Iterator[None]:
 
 def _run_olive(config: dict, log_path: Path) -> list[tuple[Path, Path]]:
     """Run one Olive workflow; returns the (source, destination) folder copies of its output it left to us."""
-    if _olive_import is not None:
-        _olive_import.join()  # never two threads importing Olive's modules at once
+    _wait_for_olive_import()  # never two threads importing Olive's modules at once
     _quiet_olive_telemetry()
     from olive.workflows import run as olive_run
 
@@ -691,7 +729,8 @@ def _look_up_or_build(job: _Job) -> None:
     dirs = job.dirs
     dirs.make()
     job.stage(STAGES[0])
-    job.key = entry_key(input_model_hash(job.model_dir, dirs.root), job.spec, job.trust_remote_code)
+    job.key = entry_key(input_model_hash(job.model_dir, dirs.root, on_new_file=_import_olive_in_background),
+                        job.spec, job.trust_remote_code)
     if _reuse_entry(job):
         return
     try:
@@ -772,6 +811,8 @@ def _olive_build(job: _Job) -> None:
                     raise _olive_failure(log_path)  # Olive logged a failed pass and cached it as an empty model
             except BaseException as exc:
                 dirs.remove_debris()  # we hold the lock, so every incomplete Olive run is ours
+                if _SIGINT_SEEN.is_set() and not isinstance(exc, KeyboardInterrupt):
+                    raise KeyboardInterrupt from exc  # a Ctrl-C that an extension's import turned into ImportError
                 # A full disk stays an OSError, reported as such; anything else Olive raised gets the log's path.
                 if isinstance(exc, Exception) and not isinstance(exc, (OSError, errors.SlmopsError)):
                     raise errors.SlmopsError(f"Olive failed: {type(exc).__name__}: {exc}",
@@ -1012,9 +1053,12 @@ def convert_variant(model_dir: str | Path, spec: VariantSpec, output_dir: str | 
     stage = on_stage or (lambda _name: None)
     job = _new_job(model_dir, spec, output_dir, cache_dir, trust_remote_code, link, stage)
     try:
-        _look_up_or_build(job)
+        with _sigint_noted():
+            _look_up_or_build(job)
     except Exception as exc:
+        _wait_for_olive_import()
         return _failed(spec, _error_text(exc), job.start)
+    _wait_for_olive_import()  # started for a new input that turned out cached (Ctrl-C does not wait for it)
     return _finish(job)
 
 
@@ -1068,7 +1112,7 @@ def convert_variants(model_dir: str | Path, specs: list[VariantSpec], output_dir
     cancel = threading.Event()
     try:
         with make_progress(progress) as bars, ThreadPoolExecutor(1, thread_name_prefix="slmops-validate") as pool, \
-                _gc_walks_only_new_objects():
+                _gc_walks_only_new_objects(), _sigint_noted():
             reporter = _InOrderReporter(bars, len(specs), progress)
             try:
                 for spec in specs:
@@ -1088,6 +1132,7 @@ def convert_variants(model_dir: str | Path, specs: list[VariantSpec], output_dir
                 raise
     finally:
         _remove_if_empty(created)  # a run where nothing was written leaves no empty output folder
+    _wait_for_olive_import()  # started for a new input that turned out cached: never left running
     return reporter.results
 
 

@@ -247,6 +247,26 @@ def test_a_sweep_freezes_survivors_only_while_it_runs_and_leaves_a_host_freeze_a
         gc.unfreeze()
 
 
+def test_a_new_copy_of_a_cached_model_imports_olive_aside_and_leaves_no_thread_running(qwen_variants, hf_qwen,
+                                                                                         shared_cache, tmp_path):
+    """Unseen input files start Olive's import on a thread beside the hashing; if every variant then turns out
+    cached, the conversion still waits for that import before it returns, so nothing imports Olive beside it."""
+    copy = tmp_path / "copy-of-qwen"
+    shutil.copytree(hf_qwen, copy)
+    code = ("import sys, threading\nfrom mlflow_slmops.convert import convert_variants\n"
+            "from mlflow_slmops.variants import resolve_variants\n"
+            "results = convert_variants(sys.argv[1], resolve_variants('int4'), sys.argv[2], cache_dir=sys.argv[3],"
+            " progress=False)\n"
+            "print('cached:', [r.cached for r in results])\n"
+            "print('olive imported:', 'olive.workflows' in sys.modules)\n"
+            "print('threads:', sorted(t.name for t in threading.enumerate()))\n")
+    proc = run_cli([sys.executable, "-c", code, str(copy), str(tmp_path / "out"), str(shared_cache)])
+    assert proc.returncode == 0, proc.stderr
+    assert "cached: [True]" in proc.stdout
+    assert "olive imported: True" in proc.stdout  # imported aside while the new files were hashed
+    assert "slmops-import-olive" not in proc.stdout  # and waited for: no thread left behind
+
+
 def test_copy_mode_gives_folders_onnx_load_accepts(qwen_variants, hf_qwen, shared_cache, tmp_path):
     import onnx
 
@@ -453,6 +473,32 @@ def test_ctrl_c_mid_conversion_leaves_no_partial_folder_and_only_complete_cache_
     # Olive is writing a model: a build in flight in the cache's tmp folder.
     _interrupt_conversion(hf_qwen, tmp_path, lambda _proc: runs.is_dir() and any(runs.iterdir())
                           and any((cache / "tmp").iterdir()), "a build in flight")
+
+
+@pytest.mark.parametrize("one_variant", [True, False])
+def test_ctrl_c_that_an_extension_import_turned_into_an_import_error_still_interrupts(monkeypatch, hf_qwen,
+                                                                                      tmp_path, one_variant):
+    """pybind11 reports a KeyboardInterrupt raised while its module initializes as `ImportError: initialization
+    failed`; a Ctrl-C then must still stop the conversion, not fail a variant and go on to the next."""
+    def olive_importing_an_extension(*_args, **_kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        except KeyboardInterrupt as exc:
+            raise ImportError("initialization failed") from exc
+        raise AssertionError("no KeyboardInterrupt")
+
+    monkeypatch.setattr(convert, "_run_olive", olive_importing_an_extension)
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    with pytest.raises(KeyboardInterrupt):
+        if one_variant:
+            convert.convert_variant(hf_qwen, PRESETS["fp32"], out / "fp32", cache_dir=cache)
+        else:
+            convert.convert_variants(hf_qwen, [PRESETS["fp32"], PRESETS["int4"]], out, cache_dir=cache,
+                                     progress=False)
+    assert not out.exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    _assert_cache_holds_only_complete_entries(cache)
 
 
 def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
