@@ -197,8 +197,8 @@ def _parallel_onnx_external_data() -> Iterator[None]:
                 entry = files[info.location]
                 spans.append((entry[0], entry[2], _raw_data_length(tensor)))
                 entry[2] += spans[-1][2]
-            sized_right = _on_every_core(
-                lambda i: _pwrite_all(spans[i][0], tensors[i].raw_data, spans[i][1], spans[i][2]), range(len(tensors)))
+            sized_right = list(_on_every_core(
+                lambda i: _pwrite_all(spans[i][0], tensors[i].raw_data, spans[i][1], spans[i][2]), range(len(tensors))))
             if not all(sized_right):  # raw_data that does not match its dims: undo, and let onnx write it
                 for fd, size, _end in files.values():
                     os.ftruncate(fd, size)
@@ -215,7 +215,7 @@ def _parallel_onnx_external_data() -> Iterator[None]:
         tensors = [t for t in helper._get_all_tensors(model) if helper.uses_external_data(t)]
         # onnx's own read of each tensor (with its bounds checks) on every core, a few tensors ahead of the
         # one filled in, so memory holds little more than with onnx's one-by-one reads
-        data = _in_order_on_every_core(lambda tensor: helper._read_external_data_bytes(tensor, base_dir), tensors)
+        data = _on_every_core(lambda tensor: helper._read_external_data_bytes(tensor, base_dir), tensors)
         for tensor, raw in zip(tensors, data):
             tensor.raw_data = raw
             tensor.data_location = onnx.TensorProto.DEFAULT
@@ -233,17 +233,9 @@ def _parallel_onnx_external_data() -> Iterator[None]:
         yield
 
 
-def _on_every_core(fn: Callable, items) -> list:
-    """fn over items on a thread per core (file reads and writes release the GIL), results in order."""
-    items = list(items)
-    if len(items) < 2:
-        return [fn(item) for item in items]
-    with ThreadPoolExecutor(max(1, min(os.cpu_count() or 1, len(items)))) as pool:
-        return list(pool.map(fn, items))
-
-
-def _in_order_on_every_core(fn: Callable, items) -> Iterator:
-    """Yield fn(item) for each item in order, computed on a thread per core, at most two per core ahead."""
+def _on_every_core(fn: Callable, items) -> Iterator:
+    """Yield fn(item) for each item in order, computed on a thread per core (numpy and file I/O release the
+    GIL), at most two items per core ahead of the one yielded."""
     workers = os.cpu_count() or 1
     with ThreadPoolExecutor(workers) as pool:
         running: collections.deque = collections.deque()
@@ -332,8 +324,7 @@ def block_quantize(data: np.ndarray, quantize_axis: int, block_size: int, is_sym
             zero_points[r0:r1] = _pack_int4(zp_rows) if packs else zp_rows
 
     chunks = [(r, min(r + QUANT_ROWS_PER_CHUNK, m)) for r in range(0, m, QUANT_ROWS_PER_CHUNK)]
-    with ThreadPoolExecutor(max(1, min(os.cpu_count() or 1, len(chunks)))) as pool:
-        list(pool.map(lambda chunk: quantize_rows(*chunk), chunks))
+    list(_on_every_core(lambda chunk: quantize_rows(*chunk), chunks))
     return _olive_shapes(quantized, scales, zero_points, data.shape, quantize_axis)
 
 

@@ -199,7 +199,7 @@ def test_onnx_external_data_is_written_and_read_the_same_with_and_without_speedu
     monkeypatch.setenv(SPEEDUPS_ENV, "0")
     with speedups():
         stock = save_and_load(tmp_path / "stock")
-    assert len(fast[0]) == 2 if one_file else len(fast[0]) > 2  # the graph; its data in one file or one per tensor
+    assert (len(fast[0]) == 2) if one_file else (len(fast[0]) > 2)  # the graph; its data in one file or per tensor
     assert fast == stock
     loaded = onnx.load(str(tmp_path / "fast" / "m.onnx"))
     assert [t.raw_data for t in loaded.graph.initializer] == [t.raw_data for t in model.graph.initializer]
