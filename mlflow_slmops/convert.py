@@ -107,6 +107,8 @@ print(json.dumps({"new_tokens": new}))
 
 # Set while a sweep runs: release_memory freezes what survives its collection (see _gc_walks_only_new_objects).
 _FREEZE_SURVIVORS = threading.Event()
+# Set while a conversion runs: freed memory stays with the process (see _heap_reused_between_variants).
+_HEAP_REUSED = threading.Event()
 # The thread importing Olive while the input model is hashed (see _import_olive_in_background).
 _olive_import: threading.Thread | None = None
 # Set by a Ctrl-C during a conversion (see _sigint_noted).
@@ -880,18 +882,67 @@ def _finish(job: _Job, cancel: threading.Event | None = None) -> ConversionResul
 
 
 def release_memory() -> None:
-    """Give the heap freed by the last variant back to the OS, so variants never add up in one process.
+    """Free what the last variant left in reference cycles, so variants never add up in one process.
 
-    A conversion frees gigabytes of weight arrays, some held in reference cycles; glibc keeps freed arenas
-    mapped unless asked to trim. Inside ``_gc_walks_only_new_objects`` the survivors are then frozen.
+    A conversion frees gigabytes of weight arrays, some held in reference cycles. Inside
+    ``_gc_walks_only_new_objects`` the survivors are then frozen. Inside ``_heap_reused_between_variants`` the
+    freed heap stays with the process for the next variant; outside it, glibc is asked to give it back.
     """
-    import ctypes
-
     gc.collect()
     if _FREEZE_SURVIVORS.is_set():
         gc.freeze()
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    libc = _glibc()
+    if libc is not None and not _HEAP_REUSED.is_set():
+        libc.malloc_trim(0)
+
+
+def _glibc():
+    """glibc through ctypes, or None elsewhere (musl, macOS, Windows): then the heap is left to the platform."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+# glibc's mallopt parameters (malloc.h) and their defaults.
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_GLIBC_DEFAULTS = ((_M_TRIM_THRESHOLD, 128 * 1024), (_M_MMAP_MAX, 65536))
+# What a user sets to tune glibc's heap; any of these and the heap is left as they set it.
+_MALLOC_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")
+
+
+@contextlib.contextmanager
+def _heap_reused_between_variants() -> Iterator[None]:
+    """Within a conversion, memory freed by one model is reused by the next instead of going back to the OS.
+
+    Every pass loads a model, fills gigabytes of fresh arrays and frees them. glibc serves blocks over 32 MB
+    with mmap and unmaps them on free, and trims the heap top, so the next pass faults every page in again.
+    That costs 0.2 s per GiB on bare metal and up to 3 s per GiB on a VM whose host takes freed guest memory
+    back (the measured machine in docs/benchmarks.md). Inside, glibc takes every block from the heap and never
+    trims it: the process keeps its high-water mark, which one variant sets, since variants never live
+    together. On the way out the defaults come back and the heap is trimmed.
+
+    Nested calls, non-glibc platforms and a user who tuned glibc's heap (GLIBC_TUNABLES, MALLOC_*_) are left
+    alone. glibc cannot report its settings, so a host application's own mallopt calls are reset to the defaults.
+    """
+    libc = _glibc()
+    tuned = "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "") or any(v in os.environ for v in _MALLOC_ENV)
+    if libc is None or tuned or _HEAP_REUSED.is_set():
+        yield
+        return
+    _HEAP_REUSED.set()
+    try:
+        libc.mallopt(_M_MMAP_MAX, 0)
+        libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+        yield
+    finally:
+        for param, value in _GLIBC_DEFAULTS:
+            libc.mallopt(param, value)
+        _HEAP_REUSED.clear()
+        libc.malloc_trim(0)
 
 
 @contextlib.contextmanager
@@ -1053,7 +1104,7 @@ def convert_variant(model_dir: str | Path, spec: VariantSpec, output_dir: str | 
     stage = on_stage or (lambda _name: None)
     job = _new_job(model_dir, spec, output_dir, cache_dir, trust_remote_code, link, stage)
     try:
-        with _sigint_noted():
+        with _sigint_noted(), _heap_reused_between_variants():
             _look_up_or_build(job)
     except Exception as exc:
         _wait_for_olive_import()
@@ -1112,7 +1163,7 @@ def convert_variants(model_dir: str | Path, specs: list[VariantSpec], output_dir
     cancel = threading.Event()
     try:
         with make_progress(progress) as bars, ThreadPoolExecutor(1, thread_name_prefix="slmops-validate") as pool, \
-                _gc_walks_only_new_objects(), _sigint_noted():
+                _gc_walks_only_new_objects(), _heap_reused_between_variants(), _sigint_noted():
             reporter = _InOrderReporter(bars, len(specs), progress)
             try:
                 for spec in specs:
