@@ -12,6 +12,8 @@ does not pay for the writeback of the run before it. Peak RSS two ways: wait4's
   the next build starts (what the sweep did before it overlapped validation with the next build);
 - **sweep, stock Olive code**: the sweep with `SLMOPS_OLIVE_SPEEDUPS=0`, so Olive runs unpatched (the same
   weights, bit for bit; see mlflow_slmops/olive_speedups.py);
+- **sweep, heap trimmed**: the sweep with `MALLOC_TRIM_THRESHOLD_` at glibc's default, so the converter leaves
+  glibc's heap policy alone and trims after each variant (what it did before it kept the freed heap for reuse);
 - **sweep, cached**: the same sweep again with the same cache into a new output folder;
 - **single**: our converter on one variant at a time (fresh cache each): the largest one is the memory reference;
 - **olive auto-opt**: `olive auto-opt --use_model_builder --precision fp32|int4`; int4-b128-asym is the same
@@ -28,7 +30,7 @@ With --ablate, the sweep also runs once without each of the Olive speed-ups in t
 With --repeat N, every run is made N times (rounds, interleaved); the tables give the median time of each.
 
 Run:  .venv/bin/python benchmarks/bench_convert.py [--work DIR] [--keep] [--ablate] [--repeat N]
-      (writes benchmarks/out/convert.{json,md}; about 7 minutes a round on 2 cores, 3 more with --ablate,
+      (writes benchmarks/out/convert.{json,md}; about 8 minutes a round on 2 cores, 3 more with --ablate,
       ~40 GB of scratch disk)
 """
 
@@ -213,6 +215,9 @@ def measure_round(model: Path, work: Path, ablate: bool) -> dict[str, dict]:
     rows["sweep_stock"] = our_convert(model, SWEEP_VARIANTS, work / "sweep-stock", work / "cache-stock",
                                       "sweep, stock Olive code", env={SPEEDUPS_ENV: "0"})
     drop(work / "sweep-stock", work / "cache-stock")
+    rows["sweep_trimmed"] = our_convert(model, SWEEP_VARIANTS, work / "sweep-trimmed", work / "cache-trimmed",
+                                        "sweep, heap trimmed", env={"MALLOC_TRIM_THRESHOLD_": str(128 * 1024)})
+    drop(work / "sweep-trimmed", work / "cache-trimmed")
     rows["sweep"] = our_convert(model, SWEEP_VARIANTS, work / "sweep", work / "cache-sweep", "sweep (4 variants)")
     rows["sweep_cached"] = our_convert(model, SWEEP_VARIANTS, work / "sweep-again", work / "cache-sweep",
                                        "sweep, cached")
@@ -248,6 +253,7 @@ def summarize(rounds: list[dict[str, dict]]) -> dict:
         "sweep_vs_no_overlap": sweep["seconds"] / rows["sweep_serial"]["seconds"],
         "sweep_vs_stock_olive_code": sweep["seconds"] / rows["sweep_stock"]["seconds"],
         "sweep_vs_builder_sum": sweep["seconds"] / builder_sum,
+        "sweep_vs_heap_trimmed": sweep["seconds"] / rows["sweep_trimmed"]["seconds"],
         "cached_vs_sweep": cached["seconds"] / sweep["seconds"],
         "sweep_rss_vs_largest_single": sweep["peak_tree_rss_mb"] / largest_single,
     }
@@ -296,6 +302,8 @@ def markdown(res: dict) -> str:
         f"{r['sweep_vs_no_overlap']:.2f} | - | - |",
         f"| sweep / sweep on stock Olive code = {rows['sweep']['seconds']:.0f} / "
         f"{rows['sweep_stock']['seconds']:.0f} s | {r['sweep_vs_stock_olive_code']:.2f} | - | - |",
+        f"| sweep / sweep with the heap trimmed after each variant = {rows['sweep']['seconds']:.0f} / "
+        f"{rows['sweep_trimmed']['seconds']:.0f} s | {r['sweep_vs_heap_trimmed']:.2f} | - | - |",
         f"| sweep / bare builder (same three) = {rows['sweep']['seconds']:.0f} / {res['builder_sum_s']:.0f} s | "
         f"{r['sweep_vs_builder_sum']:.2f} | - | - |",
         f"| cached sweep / first sweep | {r['cached_vs_sweep']:.3f} | < {TARGET_CACHED_RATIO} | "
