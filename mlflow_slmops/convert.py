@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import gc
 import glob
 import hashlib
@@ -896,8 +897,10 @@ def release_memory() -> None:
         libc.malloc_trim(0)
 
 
+@functools.cache
 def _glibc():
-    """glibc through ctypes, or None elsewhere (musl, macOS, Windows): then the heap is left to the platform."""
+    """glibc through ctypes (looked up once), or None elsewhere (musl, macOS, Windows): there the heap is left
+    to the platform."""
     import ctypes
 
     try:

@@ -250,33 +250,32 @@ def test_a_sweep_freezes_survivors_only_while_it_runs_and_leaves_a_host_freeze_a
 
 
 _HEAP_PROBE = """
-import sys, psutil
+import psutil
 from mlflow_slmops import convert
 
 MB = 1 << 20
 rss = lambda: psutil.Process().memory_info().rss // MB
 
-def freed_mb(context):
-    with context():
+def freed_mb():
+    with convert._heap_reused_between_variants():
         block = b"x" * (256 * MB)  # written, so every page is resident
         before = rss()
         del block
         convert.release_memory()  # a variant's end: collect, and trim unless the heap is kept
-        kept = before - rss()
-    return kept, rss()
+        return before - rss()
 
-inside = rss()
 with convert._heap_reused_between_variants():
-    freed_nested, _ = freed_mb(convert._heap_reused_between_variants)  # an inner call keeps the outer policy
+    freed_nested = freed_mb()  # an inner call keeps the outer policy
     before_exit = rss()
 after_exit = rss()
-freed_plain, _ = freed_mb(convert._heap_reused_between_variants)
+freed_plain = freed_mb()
 print(freed_nested, before_exit - after_exit, freed_plain)
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the heap policy is glibc's")
-@pytest.mark.parametrize("tuned_env", [None, {"MALLOC_MMAP_MAX_": "65536"}, {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=131072"}])
+@pytest.mark.parametrize("tuned_env", [None, {"MALLOC_MMAP_MAX_": "65536"},
+                                       {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=131072"}])
 def test_a_conversion_reuses_its_freed_heap_and_gives_it_back_at_the_end(tuned_env):
     """Inside a conversion a freed 256 MB model stays with the process for the next one (no page is faulted in
     twice); once the conversion is over it goes back to the OS. A user who tuned glibc's heap keeps their
