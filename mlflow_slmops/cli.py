@@ -120,7 +120,8 @@ def _cell(value) -> str:
 
 
 SWEEP_TABLE_COLUMNS = ["variant", "status", "size_mb", "compression_ratio", "decode_tok_s", "ttft_ms",
-                       "peak_rss_mb", "ppl_delta_pct", "kl_div", "top1_agreement", "qa_accuracy"]
+                       "peak_rss_mb", "ppl_delta_pct", "kl_div", "src_kl_mean", "src_kl_max", "src_top1_agreement",
+                       "qa_accuracy"]
 
 
 @main.command("sweep")
@@ -136,11 +137,16 @@ SWEEP_TABLE_COLUMNS = ["variant", "status", "size_mb", "compression_ratio", "dec
 @click.option("--gen-len", type=WholeNumber(), default=32, show_default=True)
 @click.option("--repeats", type=WholeNumber(), default=5, show_default=True)
 @click.option("--trust-remote-code", is_flag=True, help="Allow models that need custom code (off by default).")
+@click.option("--no-source-check", is_flag=True,
+              help="Do not run the Hugging Face model to score variants against it (for models too large to run "
+                   "twice); the sweep run is tagged slmops.source_check=skipped.")
+# For MLproject, which cannot leave a flag out: --source-check false is --no-source-check.
+@click.option("--source-check", "source_check_value", type=click.BOOL, default=True, hidden=True)
 @click.option("--resume", "resume_run_id", default=None, help="Complete an earlier sweep run: measure only what is missing.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @friendly_errors
 def sweep_cmd(model, variants, variants_file, output, cache_dir, text, qa, prompt_len, gen_len, repeats,
-              trust_remote_code, resume_run_id, quiet) -> None:
+              trust_remote_code, no_source_check, source_check_value, resume_run_id, quiet) -> None:
     """Convert, measure and log every variant under one MLflow sweep run."""
     from mlflow_slmops import sweep
 
@@ -149,11 +155,15 @@ def sweep_cmd(model, variants, variants_file, output, cache_dir, text, qa, promp
     req = None if resume_run_id else sweep.SweepRequest(
         model=model, variants=variants, variants_file=variants_file, output=output, cache_dir=cache_dir,
         text=text, qa=qa, prompt_len=prompt_len, gen_len=gen_len, repeats=repeats,
-        trust_remote_code=trust_remote_code)
+        trust_remote_code=trust_remote_code, source_check=source_check_value and not no_source_check)
     result = sweep.run_sweep(req, resume_run_id=resume_run_id, progress=not quiet, echo=click.echo)
     _print_table(result.table, SWEEP_TABLE_COLUMNS)
     click.echo(f"Report: {result.report_dir}/report.md")
     click.echo(f"Sweep run ID: {result.parent_run_id}")
+    if result.export_mismatch:
+        click.echo(f"Warning: the fp32 export of {result.architecture} differs from the Hugging Face model "
+                   f"({result.export_mismatch}); every variant inherits the error, and `slmops promote` refuses "
+                   "this sweep without --allow-export-mismatch (see docs/troubleshooting.md).", err=True)
     failed = [o.variant for o in result.outcomes if o.status != "ok"]
     if failed:
         click.echo(f"Failed variants: {', '.join(failed)} (see the slmops.error tag on their runs)", err=True)
@@ -170,15 +180,19 @@ def sweep_cmd(model, variants, variants_file, output, cache_dir, text, qa, promp
 @click.option("--min-qa-accuracy", type=float, default=None, help="Smallest QA accuracy allowed (0 to 1).")
 @click.option("--objective", type=click.Choice(["decode_tok_s", "size_mb", "ttft_ms"]), default="decode_tok_s",
               show_default=True, help="What the champion is best at among those that meet the constraints.")
+@click.option("--allow-export-mismatch", is_flag=True,
+              help="Promote from a sweep whose fp32 export differs from the Hugging Face model (tagged "
+                   "slmops.export_mismatch=true); refused without it.")
 @friendly_errors
-def promote_cmd(sweep_run_id, name, alias, max_ppl_delta_pct, min_qa_accuracy, objective) -> None:
+def promote_cmd(sweep_run_id, name, alias, max_ppl_delta_pct, min_qa_accuracy, objective,
+                allow_export_mismatch) -> None:
     """Register the sweep's champion in the Model Registry and set an alias on it."""
     import pandas as pd
 
     from mlflow_slmops import promote
 
     constraints = promote.Constraints(max_ppl_delta_pct, min_qa_accuracy or None, objective)
-    result = promote.promote(sweep_run_id, name, alias, constraints)
+    result = promote.promote(sweep_run_id, name, alias, constraints, allow_export_mismatch=allow_export_mismatch)
     _print_table(pd.DataFrame([c.row() for c in result.candidates]),
                  ["variant", "accepted", "chosen", "decode_tok_s", "size_mb", "ppl_delta_pct", "qa_accuracy", "reason"])
     click.echo(f"Champion: {result.champion.variant} ({constraints.objective} "
@@ -314,20 +328,29 @@ def benchmark_cmd(model_dir, prompt_len, gen_len, repeats, warmup, prompt_lens, 
 @click.option("--qa", default=None, callback=_blank_to_none, help="QA JSONL file (default: bundled).")
 @click.option("--baseline", default=None, callback=_blank_to_none,
               help="fp32 genai folder to compare against (kl_div, top1_agreement, ppl_delta_pct).")
+@click.option("--source-model", default=None, callback=_blank_to_none,
+              help="The Hugging Face model folder the variant was converted from: adds the src_* figures against it.")
+@click.option("--cache-dir", default=None, callback=_blank_to_none,
+              help="Where the source reference is kept (default $SLMOPS_CACHE_DIR or ~/.cache/mlflow-slmops).")
 @click.option("--chunk-tokens", type=WholeNumber(), default=128, show_default=True, help="Perplexity chunk size.")
 @click.option("--json", "json_path", default=None, callback=_blank_to_none, help="Also write the result as JSON.")
 @click.option("--no-log", is_flag=True, help="Do not log an MLflow run.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @friendly_errors
-def evaluate_cmd(model_dir, text, qa, baseline, chunk_tokens, json_path, no_log, quiet) -> None:
-    """Measure quality of one genai folder: perplexity, KL and top-1 vs a baseline, QA, format, edge cases."""
+def evaluate_cmd(model_dir, text, qa, baseline, source_model, cache_dir, chunk_tokens, json_path, no_log,
+                 quiet) -> None:
+    """Measure quality of one genai folder: perplexity, KL and top-1 vs a baseline and the source, QA, format, edge cases."""
     from mlflow_slmops import _worker, quality, tracking
 
+    config = quality.QualityConfig(chunk_tokens=chunk_tokens)
     if not no_log:
         tracking.configure()
     with _worker.rich_progress(not quiet) as on_progress:
-        result = quality.run_evaluate(model_dir, text, qa, baseline, quality.QualityConfig(chunk_tokens=chunk_tokens),
-                                      on_progress=on_progress)
+        source = quality.source_reference_for(source_model, text, config, cache_dir, on_progress) \
+            if source_model else None
+        source_ref = str(source.path) if source else None
+        result = quality.run_evaluate(model_dir, text, qa, baseline, config, on_progress=on_progress,
+                                      source_ref=source_ref)
     _print_metrics(f"quality: {model_dir}", result.metrics())
     for row in result.probe_rows:
         click.echo(f"probe {row['probe']}: {'pass' if row['passed'] else 'FAIL'} ({row['outcome']}: {row['detail']})")

@@ -33,16 +33,32 @@ QA_ACCURACY = "qa_accuracy"
 FORMAT_VALID_RATE = "format_valid_rate"
 EDGE_CASES_PASSED = "edge_cases_passed"
 
+# Fidelity, against the source: the user's Hugging Face model run in PyTorch (fp32) over the same chunks
+SRC_KL_MEAN = "src_kl_mean"
+SRC_KL_MEDIAN = "src_kl_median"
+SRC_KL_P99 = "src_kl_p99"
+SRC_KL_MAX = "src_kl_max"
+SRC_TOP1_AGREEMENT = "src_top1_agreement"
+SRC_DELTA_P_MEAN = "src_delta_p_mean"
+SRC_PPL_DELTA_PCT = "src_ppl_delta_pct"
+# The source model's own perplexity over the same chunks (the same on every variant run)
+SRC_PERPLEXITY = "src_perplexity"
+# On the sweep run: seconds the source reference took to build (its first build, when reused)
+SOURCE_CHECK_S = "source_check_s"
+
 SIZE_METRICS = (SIZE_MB, COMPRESSION_RATIO, CONVERT_S)
 SPEED_METRICS = (TTFT_MS, PREFILL_TOK_S, DECODE_TOK_S, LATENCY_P50_MS, LATENCY_P95_MS)
 MEMORY_METRICS = (PEAK_RSS_MB, RSS_GROWTH_MB, CPU_PERCENT)
 QUALITY_METRICS = (PERPLEXITY, PPL_DELTA_PCT, KL_DIV, TOP1_AGREEMENT, QA_ACCURACY, FORMAT_VALID_RATE, EDGE_CASES_PASSED)
-# Every successful (benchmarkable) variant run carries all of these.
-VARIANT_METRICS = SIZE_METRICS + SPEED_METRICS + MEMORY_METRICS + QUALITY_METRICS
+SOURCE_METRICS = (SRC_KL_MEAN, SRC_KL_MEDIAN, SRC_KL_P99, SRC_KL_MAX, SRC_TOP1_AGREEMENT, SRC_DELTA_P_MEAN,
+                  SRC_PPL_DELTA_PCT, SRC_PERPLEXITY)
+# Every successful (benchmarkable) variant run carries all of these (SOURCE_METRICS unless --no-source-check).
+VARIANT_METRICS = SIZE_METRICS + SPEED_METRICS + MEMORY_METRICS + QUALITY_METRICS + SOURCE_METRICS
 
 # Which direction is better, for Pareto fronts and the champion's objective.
 HIGHER_IS_BETTER = {
     COMPRESSION_RATIO, PREFILL_TOK_S, DECODE_TOK_S, TOP1_AGREEMENT, QA_ACCURACY, FORMAT_VALID_RATE, EDGE_CASES_PASSED,
+    SRC_TOP1_AGREEMENT,
 }
 
 # Run tags
@@ -56,3 +72,12 @@ VARIANT_TAG = "slmops.variant"
 BUILD_ONLY_TAG = "slmops.build_only"
 # "true" when the variant came from the conversion cache; convert_s is then the time of the original build.
 CONVERSION_CACHED_TAG = "slmops.conversion_cached"
+# On the sweep run: "ran" or "skipped" (--no-source-check).
+SOURCE_CHECK_TAG = "slmops.source_check"
+# On the sweep run and every variant run: "true" when fp32 differs from the source beyond the export tolerance.
+EXPORT_MISMATCH_TAG = "slmops.export_mismatch"
+
+# The export guard: a faithful fp32 export matches its source to float rounding (max |logit diff| ~1e-6, KL ~1e-12
+# nats). Past these, the export itself is wrong and every variant inherits the error. docs/metrics.md explains them.
+EXPORT_MAX_SRC_KL = 1e-4
+EXPORT_MIN_SRC_TOP1 = 0.99

@@ -18,8 +18,8 @@ DEFAULT_OBJECTIVE = M.DECODE_TOK_S
 DEFAULT_ALIAS = "champion"
 DEFAULT_MAX_PPL_DELTA_PCT = 5.0
 # Metrics copied onto the registered version as tags, so the registry page shows why it won.
-VERSION_TAG_METRICS = (M.SIZE_MB, M.DECODE_TOK_S, M.TTFT_MS, M.PPL_DELTA_PCT, M.KL_DIV, M.QA_ACCURACY,
-                       M.PEAK_RSS_MB)
+VERSION_TAG_METRICS = (M.SIZE_MB, M.DECODE_TOK_S, M.TTFT_MS, M.PPL_DELTA_PCT, M.KL_DIV, M.SRC_KL_MEAN,
+                       M.QA_ACCURACY, M.PEAK_RSS_MB)
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,7 @@ def choose(candidates: list[Candidate], constraints: Constraints) -> Candidate:
 
 
 def promote(sweep_run_id: str, name: str, alias: str = DEFAULT_ALIAS,
-            constraints: Constraints | None = None) -> PromotionResult:
+            constraints: Constraints | None = None, allow_export_mismatch: bool = False) -> PromotionResult:
     """Register the sweep's champion as a new version of ``name`` and point ``alias`` at it.
 
     Args:
@@ -134,13 +134,15 @@ def promote(sweep_run_id: str, name: str, alias: str = DEFAULT_ALIAS,
         name: the registered model name.
         alias: the alias to set on the new version.
         constraints: what the champion must meet; defaults to ppl_delta_pct <= 5, objective decode_tok_s.
+        allow_export_mismatch: promote even when the sweep's fp32 export differs from its Hugging Face source
+            (the sweep run is tagged ``slmops.export_mismatch=true``); refused otherwise.
 
     Example:
         >>> promote("3f2a...", "support-bot", constraints=Constraints(min_qa_accuracy=0.9))  # doctest: +SKIP
     """
     import mlflow
 
-    from mlflow_slmops.sweep import variant_runs
+    from mlflow_slmops.sweep import get_sweep_run, variant_runs
 
     constraints = constraints or Constraints()
     if not name or not name.strip():
@@ -149,6 +151,7 @@ def promote(sweep_run_id: str, name: str, alias: str = DEFAULT_ALIAS,
         raise SlmopsError(f"alias {alias!r} is not valid", "use letters, digits, '-' and '_'")
     tracking.connect()
     client = mlflow.MlflowClient()
+    _check_export(get_sweep_run(client, sweep_run_id), allow_export_mismatch)
     candidates = []
     for run in variant_runs(client, sweep_run_id):
         c = Candidate(run.data.tags.get(M.VARIANT_TAG, run.info.run_name), run.info.run_id,
@@ -167,6 +170,17 @@ def promote(sweep_run_id: str, name: str, alias: str = DEFAULT_ALIAS,
     for key, value in tags.items():
         client.set_model_version_tag(name, version.version, key, value)
     return PromotionResult(name, str(version.version), alias, f"models:/{name}@{alias}", champion, candidates)
+
+
+def _check_export(sweep_run, allow_export_mismatch: bool) -> None:
+    """A sweep whose fp32 export differs from its source is refused: every variant inherits the export error."""
+    if sweep_run.data.tags.get(M.EXPORT_MISMATCH_TAG) != "true" or allow_export_mismatch:
+        return
+    raise SlmopsError(
+        f"sweep run {sweep_run.info.run_id} is tagged {M.EXPORT_MISMATCH_TAG}=true: its fp32 export differs from the "
+        "Hugging Face model, so every variant carries that error",
+        "check the fp32 run's src_kl_max and src_top1_agreement (docs/troubleshooting.md); "
+        "pass --allow-export-mismatch to promote anyway")
 
 
 def _model_uri_of(client, run_id: str) -> str:

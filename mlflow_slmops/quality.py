@@ -4,8 +4,10 @@ QA accuracy, answer-format validity and edge-case probes. Runs in a fresh subpro
 Perplexity uses fixed-size chunks and the full-sequence logits that onnxruntime-genai returns from
 ``generator.get_output("logits")`` after one ``append_tokens(chunk)``: one forward pass per chunk, never
 token by token. KL divergence and top-1 agreement (the llama.cpp method) stream the baseline: both
-models are loaded and compared chunk by chunk, so no logits are stored. ``docs/metrics.md`` defines
-every figure.
+models are loaded and compared chunk by chunk, so no logits are stored. With a source reference
+(``mlflow_slmops.source_ref``: the user's Hugging Face model run in PyTorch), every variant is also
+scored against the source model's logits, read back one memory-mapped chunk at a time: the ``src_*``
+figures. ``docs/metrics.md`` defines every figure.
 
 Example:
     >>> from mlflow_slmops.quality import run_evaluate                       # doctest: +SKIP
@@ -139,6 +141,84 @@ class TextScores:
     baseline_perplexity: float | None = None
     kl_div: float | None = None
     top1_agreement: float | None = None
+    source: "SourceScores | None" = None
+
+
+# KL histogram bins: log-spaced edges in nats, from KL_HIST_MIN to KL_HIST_MAX, KL_HIST_BINS_PER_DECADE a decade.
+# Positions below the first edge (an exact match, or rounding noise) are counted in the first bin.
+KL_HIST_MIN_EXP = -12
+KL_HIST_MAX_EXP = 2
+KL_HIST_BINS_PER_DECADE = 4
+P99 = 99.0
+
+
+@dataclass
+class SourceScores:
+    """A variant against the source model (the Hugging Face model in PyTorch) over the same chunks.
+
+    KL is KL(P_source || P_variant) per position, in nats; ``delta_p_mean`` is the mean |p_variant - p_source|
+    of the source's most likely token; ``histogram`` holds the per-position KL counts over log-spaced bins.
+    """
+
+    perplexity: float
+    source_perplexity: float
+    ppl_delta_pct: float
+    kl_mean: float
+    kl_median: float
+    kl_p99: float
+    kl_max: float
+    top1_agreement: float
+    delta_p_mean: float
+    positions: int
+    histogram: dict = field(default_factory=dict)
+
+    def metrics(self) -> dict[str, float]:
+        return {metrics.SRC_KL_MEAN: self.kl_mean, metrics.SRC_KL_MEDIAN: self.kl_median,
+                metrics.SRC_KL_P99: self.kl_p99, metrics.SRC_KL_MAX: self.kl_max,
+                metrics.SRC_TOP1_AGREEMENT: self.top1_agreement, metrics.SRC_DELTA_P_MEAN: self.delta_p_mean,
+                metrics.SRC_PPL_DELTA_PCT: self.ppl_delta_pct, metrics.SRC_PERPLEXITY: self.source_perplexity}
+
+
+def kl_histogram(kl: Any) -> dict:
+    """Counts of per-position KL values over fixed log-spaced bins (values below the first edge go in bin 0)."""
+    import numpy as np
+
+    edges = np.logspace(KL_HIST_MIN_EXP, KL_HIST_MAX_EXP,
+                        (KL_HIST_MAX_EXP - KL_HIST_MIN_EXP) * KL_HIST_BINS_PER_DECADE + 1)
+    clipped = np.clip(np.asarray(kl, dtype=np.float64), edges[0], edges[-1])
+    counts, _ = np.histogram(clipped, bins=edges)
+    return {"edges": edges.tolist(), "counts": counts.tolist()}
+
+
+class _SourceTally:
+    """Per-position figures against the source, gathered chunk by chunk; the logits themselves are not kept."""
+
+    def __init__(self) -> None:
+        self.kl: list[Any] = []
+        self.agree = self.positions = 0
+        self.nll = self.source_nll = self.delta_p = 0.0
+
+    def add(self, got: dict) -> None:
+        import numpy as np
+
+        self.kl.append(np.maximum(got["kl"], 0.0))  # float rounding can give -1e-9 for identical rows
+        self.agree += int(got["agree"].sum())
+        self.positions += len(got["kl"])
+        self.nll -= float(got["logp"].sum(dtype=np.float64))
+        self.source_nll -= float(got["base_logp"].sum(dtype=np.float64))
+        self.delta_p += float(np.abs(np.exp(got["logp_at_base_top"]) - np.exp(got["base_logp_at_base_top"]))
+                              .sum(dtype=np.float64))
+
+    def scores(self, predictions: int) -> SourceScores:
+        import numpy as np
+
+        kl = np.concatenate(self.kl).astype(np.float64)
+        ppl, src_ppl = math.exp(self.nll / predictions), math.exp(self.source_nll / predictions)
+        return SourceScores(
+            perplexity=ppl, source_perplexity=src_ppl, ppl_delta_pct=PERCENT * (ppl - src_ppl) / src_ppl,
+            kl_mean=float(kl.mean()), kl_median=float(np.median(kl)), kl_p99=float(np.percentile(kl, P99)),
+            kl_max=float(kl.max()), top1_agreement=self.agree / self.positions,
+            delta_p_mean=self.delta_p / self.positions, positions=self.positions, histogram=kl_histogram(kl))
 
 
 @dataclass
@@ -161,6 +241,9 @@ class QualityResult:
     chunks: int
     chunk_tokens: int
     tokens_scored: int
+    # Against the source model (None when the source check was skipped): SourceScores as a dict.
+    source: dict | None = None
+    source_ref: str | None = None
     # Rows for mlflow.log_table: one dict per question (QaRow fields) and per probe (ProbeRow fields).
     qa_rows: list[dict] = field(default_factory=list)
     probe_rows: list[dict] = field(default_factory=list)
@@ -177,6 +260,8 @@ class QualityResult:
             out[metrics.PPL_DELTA_PCT] = self.ppl_delta_pct
             out[metrics.KL_DIV] = self.kl_div
             out[metrics.TOP1_AGREEMENT] = self.top1_agreement
+        if self.source is not None:
+            out.update(SourceScores(**self.source).metrics())
         return out
 
     def to_dict(self) -> dict:
@@ -385,7 +470,9 @@ class LogitScorer:
     single-threaded numpy; onnxruntime's LogSoftmax is vectorised and multi-threaded.
 
     ``own(x, t)`` gives log p(t_i) for each row i of the logits x (L, V) and targets t (L,).
-    ``compare(x, b, t)`` also gives the baseline's log p_b(t_i), KL(P_b || P) per row, and both argmaxes.
+    ``compare(x, b, t)`` also gives the baseline's log p_b(t_i), KL(P_b || P) per row, whether both argmaxes
+    agree, and both log-probabilities of the baseline's most likely token. ``b`` may be logits or log-probabilities:
+    LogSoftmax maps both to the same log-probabilities.
     """
 
     def __init__(self) -> None:
@@ -401,13 +488,18 @@ class LogitScorer:
             return helper.make_tensor_value_info(name, TensorProto.FLOAT, ["L", "V"])
 
         col = ["L", 1]
-        nodes = [helper.make_node("LogSoftmax", ["x"], ["lx"], axis=-1),
+        # A comparison runs in float64: in float32 the log-softmax of a 150k vocabulary rounds each term by
+        # ~1e-6, a KL noise floor far above a faithful export's true KL (~1e-12).
+        real = TensorProto.DOUBLE if compare else TensorProto.FLOAT
+        nodes = [helper.make_node("Cast", ["x"], ["xr"], to=real),
+                 helper.make_node("LogSoftmax", ["xr"], ["lx"], axis=-1),
                  helper.make_node("GatherElements", ["lx", "t"], ["gx"], axis=1)]
         inputs = [logits_input("x"), helper.make_tensor_value_info("t", TensorProto.INT64, col)]
-        outputs = [helper.make_tensor_value_info("gx", TensorProto.FLOAT, col)]
+        outputs = [helper.make_tensor_value_info("gx", real, col)]
         if compare:
             nodes += [
-                helper.make_node("LogSoftmax", ["b"], ["lb"], axis=-1),
+                helper.make_node("Cast", ["b"], ["br"], to=real),
+                helper.make_node("LogSoftmax", ["br"], ["lb"], axis=-1),
                 helper.make_node("GatherElements", ["lb", "t"], ["gb"], axis=1),
                 helper.make_node("Sub", ["lb", "lx"], ["diff"]),
                 helper.make_node("Exp", ["lb"], ["pb"]),
@@ -415,12 +507,16 @@ class LogitScorer:
                 helper.make_node("ReduceSum", ["terms", "axes"], ["kl"], keepdims=1),
                 helper.make_node("ArgMax", ["x"], ["ax"], axis=-1, keepdims=1),
                 helper.make_node("ArgMax", ["b"], ["ab"], axis=-1, keepdims=1),
+                helper.make_node("GatherElements", ["lx", "ab"], ["xab"], axis=1),
+                helper.make_node("GatherElements", ["lb", "ab"], ["bab"], axis=1),
             ]
             inputs.insert(1, logits_input("b"))
-            outputs += [helper.make_tensor_value_info("gb", TensorProto.FLOAT, col),
-                        helper.make_tensor_value_info("kl", TensorProto.FLOAT, col),
+            outputs += [helper.make_tensor_value_info("gb", real, col),
+                        helper.make_tensor_value_info("kl", real, col),
                         helper.make_tensor_value_info("ax", TensorProto.INT64, col),
-                        helper.make_tensor_value_info("ab", TensorProto.INT64, col)]
+                        helper.make_tensor_value_info("ab", TensorProto.INT64, col),
+                        helper.make_tensor_value_info("xab", real, col),
+                        helper.make_tensor_value_info("bab", real, col)]
         axes = helper.make_tensor("axes", TensorProto.INT64, [1], [-1])
         graph = helper.make_graph(nodes, "slmops_scorer", inputs, outputs, initializer=[axes] if compare else [])
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", _SCORER_OPSET)])
@@ -440,9 +536,12 @@ class LogitScorer:
         return gx[:-1, 0]
 
     def compare(self, logits: Any, base_logits: Any, chunk: list[int]) -> dict:
-        """Per position: log p and log p_base of the next token (L-1,), KL(P_base || P) (L,), top-1 match (L,)."""
-        gx, gb, kl, ax, ab = self._compare.run(None, {"x": logits, "b": base_logits, "t": self._targets(chunk)})
-        return {"logp": gx[:-1, 0], "base_logp": gb[:-1, 0], "kl": kl[:, 0], "agree": ax[:, 0] == ab[:, 0]}
+        """Per position: log p and log p_base of the next token (L-1,), KL(P_base || P) (L,), top-1 match (L,),
+        and log p and log p_base of the baseline's top token (L,)."""
+        gx, gb, kl, ax, ab, xab, bab = self._compare.run(
+            None, {"x": logits, "b": base_logits, "t": self._targets(chunk)})
+        return {"logp": gx[:-1, 0], "base_logp": gb[:-1, 0], "kl": kl[:, 0], "agree": ax[:, 0] == ab[:, 0],
+                "logp_at_base_top": xab[:, 0], "base_logp_at_base_top": bab[:, 0]}
 
 
 @functools.lru_cache(maxsize=1)
@@ -452,31 +551,36 @@ def _shared_scorer() -> LogitScorer:
 
 
 def score_text(model: Any, chunks: list[list[int]], baseline: Any = None,
-               on_chunk: Callable[[int, int], None] | None = None) -> TextScores:
-    """Perplexity of model over chunks; with a baseline model, also mean KL(P_base || P_model) and top-1 agreement.
+               on_chunk: Callable[[int, int], None] | None = None, source: Any = None) -> TextScores:
+    """Perplexity of model over chunks; with a baseline model, also mean KL(P_base || P_model) and top-1 agreement;
+    with a source reference, the ``src_*`` figures against the source model's logits.
+
+    Each chunk is one forward pass of the model, compared with the baseline's pass and the source's stored
+    logits of the same chunk before the next chunk starts, so at most one chunk per model is in memory.
 
     Args:
         model: an ``onnxruntime_genai.Model``.
-        chunks: token id chunks from ``text_chunks``.
+        chunks: token id chunks from ``text_chunks`` (the source reference's chunks when a source is given).
         baseline: the baseline ``onnxruntime_genai.Model`` (same tokenizer), or None.
         on_chunk: called with (chunks done, chunks total).
+        source: a ``source_ref.SourceReference`` built over the same chunks, or None.
     """
     import numpy as np
 
     scorer = _shared_scorer()
     nll = base_nll = kl_sum = 0.0
     agree = predictions = positions = 0
+    tally = _SourceTally() if source is not None else None
     for i, chunk in enumerate(chunks):
         logits = chunk_logits(model, chunk)
         predictions += len(chunk) - 1
+        if tally is not None:
+            got = scorer.compare(logits, _same_vocab(source.logits(i), logits, "source model's"), chunk)
+            tally.add(got)
         if baseline is None:
-            nll -= float(scorer.own(logits, chunk).sum(dtype=np.float64))
+            nll -= float((got["logp"] if tally is not None else scorer.own(logits, chunk)).sum(dtype=np.float64))
         else:
-            base_logits = chunk_logits(baseline, chunk)
-            if base_logits.shape != logits.shape:
-                raise SlmopsError(f"the baseline's vocabulary ({base_logits.shape[1]}) differs from the model's "
-                                  f"({logits.shape[1]})", "compare variants of the same base model")
-            got = scorer.compare(logits, base_logits, chunk)
+            got = scorer.compare(logits, _same_vocab(chunk_logits(baseline, chunk), logits, "baseline's"), chunk)
             nll -= float(got["logp"].sum(dtype=np.float64))
             base_nll -= float(got["base_logp"].sum(dtype=np.float64))
             kl_sum += float(got["kl"].sum(dtype=np.float64))
@@ -485,12 +589,21 @@ def score_text(model: Any, chunks: list[list[int]], baseline: Any = None,
         if on_chunk:
             on_chunk(i + 1, len(chunks))
     scores = TextScores(perplexity=math.exp(nll / predictions), chunks=len(chunks), chunk_tokens=len(chunks[0]),
-                        tokens_scored=predictions)
+                        tokens_scored=predictions, source=tally.scores(predictions) if tally else None)
     if baseline is not None:
         scores.baseline_perplexity = math.exp(base_nll / predictions)
         scores.kl_div = kl_sum / positions
         scores.top1_agreement = agree / positions
     return scores
+
+
+def _same_vocab(other: Any, logits: Any, whose: str) -> Any:
+    import numpy as np
+
+    if other.shape != logits.shape:
+        raise SlmopsError(f"the {whose} vocabulary ({other.shape[1]}) differs from the model's ({logits.shape[1]})",
+                          "compare variants of the same base model")
+    return np.ascontiguousarray(other, dtype=np.float32)
 
 
 # ---------------------------------------------------------------- QA and probes
@@ -563,7 +676,8 @@ def run_probe(gm: Any, name: str) -> ProbeRow:
 def evaluate(model_dir: str | Path, text_path: str | Path | None = None, qa_path: str | Path | None = None,
              baseline_dir: str | Path | None = None, config: QualityConfig | None = None,
              on_progress: ProgressFn | None = None, probes: tuple[str, ...] = PROBE_NAMES,
-             on_probe: Callable[[str, ProbeRow | None], None] | None = None) -> QualityResult:
+             on_probe: Callable[[str, ProbeRow | None], None] | None = None,
+             source_ref: str | Path | None = None) -> QualityResult:
     """Evaluate one genai folder in this process (``run_evaluate`` runs this in a fresh subprocess).
 
     Args:
@@ -575,6 +689,8 @@ def evaluate(model_dir: str | Path, text_path: str | Path | None = None, qa_path
         on_progress: called with (task, completed, total).
         probes: which edge-case probes to run (all by default).
         on_probe: called with (name, None) before a probe and (name, row) after it.
+        source_ref: a source reference folder (``source_ref.build_reference``) over the same text and chunking:
+            adds the ``src_*`` figures against the Hugging Face source model.
 
     Example:
         >>> evaluate("out/int4", baseline_dir="out/fp32").top1_agreement     # doctest: +SKIP
@@ -588,13 +704,51 @@ def evaluate(model_dir: str | Path, text_path: str | Path | None = None, qa_path
     gm = GenaiModel(model_dir)
     ids = [int(t) for t in gm.tokenizer.encode(text)]
     chunks = text_chunks(ids, min(config.chunk_tokens, gm.context_length), config.max_chunks, text_path)
+    source = _open_source(source_ref, chunks, model_dir) if source_ref is not None else None
     # Probes first: if one kills the process, run_evaluate restarts without it and loses nothing else.
     probe_rows = _run_probes(gm, probes, on_progress, on_probe)
     base_model = _load_baseline(baseline_dir, text, ids) if baseline_dir is not None else None
-    scores = score_text(gm.model, chunks, base_model, _task(on_progress, "perplexity chunks"))
+    scores = score_text(gm.model, chunks, base_model, _task(on_progress, "perplexity chunks"), source)
     del base_model  # free the baseline before generating answers
     qa_rows = answer_qa(gm, items, config.qa_max_new_tokens, _task(on_progress, "QA questions"))
-    return _result(model_dir, baseline_dir, text_path, qa_path, scores, qa_rows, probe_rows)
+    result = _result(model_dir, baseline_dir, text_path, qa_path, scores, qa_rows, probe_rows)
+    if scores.source is not None:
+        result.source, result.source_ref = asdict(scores.source), str(source_ref)
+    return result
+
+
+def source_reference_for(model_dir: str | Path, text_path: str | Path | None, config: QualityConfig,
+                         cache_dir: str | Path | None = None, on_progress: ProgressFn | None = None,
+                         trust_remote_code: bool = False) -> Any:
+    """The source reference of a Hugging Face model over the text, chunked as ``config`` scores it (built once).
+
+    Example:
+        >>> ref = source_reference_for("./my-finetuned-model", None, QualityConfig())     # doctest: +SKIP
+        >>> run_evaluate("out/int4", source_ref=ref.path).metrics()["src_kl_mean"]        # doctest: +SKIP
+    """
+    from mlflow_slmops import convert, source_ref
+
+    config.validate()
+    convert.check_hf_model_dir(model_dir, trust_remote_code=trust_remote_code)
+    text_path, _ = _default_paths(text_path, None)
+    ref_config = source_ref.ReferenceConfig(config.chunk_tokens, config.max_chunks, trust_remote_code)
+    return source_ref.build_reference(model_dir, text_path, ref_config, cache_dir=cache_dir, on_progress=on_progress)
+
+
+def _open_source(source_ref: str | Path, chunks: list[list[int]], model_dir: str | Path) -> Any:
+    """The source reference, checked to hold exactly the chunks this variant's own tokenizer makes of the text."""
+    from mlflow_slmops.source_ref import SourceReference
+
+    source = SourceReference.open(source_ref)
+    if source.chunks != chunks:
+        ours, theirs = [t for c in chunks for t in c], [t for c in source.chunks for t in c]
+        at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+        raise SlmopsError(
+            f"{model_dir} cuts the evaluation text into other tokens than the source model's tokenizer "
+            f"({len(chunks)} chunks of {len(chunks[0])} against {len(source.chunks)} of {len(source.chunks[0])}; "
+            f"first difference at token {at})",
+            "re-export the tokenizer with the model, or pass --no-source-check to skip the source comparison")
+    return source
 
 
 def _default_paths(text_path: str | Path | None, qa_path: str | Path | None) -> tuple[Path, Path]:
@@ -651,7 +805,8 @@ def _result(model_dir: str | Path, baseline_dir: str | Path | None, text_path: P
 
 def run_evaluate(model_dir: str | Path, text_path: str | Path | None = None, qa_path: str | Path | None = None,
                  baseline_dir: str | Path | None = None, config: QualityConfig | None = None,
-                 on_progress: ProgressFn | None = None, timeout_s: float | None = None) -> QualityResult:
+                 on_progress: ProgressFn | None = None, timeout_s: float | None = None,
+                 source_ref: str | Path | None = None) -> QualityResult:
     """Evaluate one genai folder in a fresh subprocess. A probe that kills the process fails that probe only.
 
     Args: as ``evaluate``; timeout_s kills a worker after that many seconds (None: no limit).
@@ -675,6 +830,8 @@ def run_evaluate(model_dir: str | Path, text_path: str | Path | None = None, qa_
                  "--config", json.dumps(asdict(config))]
     if baseline_dir is not None:
         base_args += ["--baseline", str(baseline_dir)]
+    if source_ref is not None:
+        base_args += ["--source-ref", str(source_ref)]
     return _run_with_probe_restarts(base_args, on_progress, timeout_s, str(model_dir))
 
 
@@ -743,6 +900,7 @@ def _worker_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text", required=True)
     parser.add_argument("--qa", required=True)
     parser.add_argument("--baseline", default=None)
+    parser.add_argument("--source-ref", default=None)
     parser.add_argument("--config", default="{}")
     parser.add_argument("--probes", default=",".join(PROBE_NAMES))
     parser.add_argument("--json", required=True)
@@ -758,7 +916,7 @@ def _worker_main(argv: list[str] | None = None) -> int:
     def run() -> dict:
         return evaluate(args.model_dir, args.text, args.qa, args.baseline,
                         QualityConfig.from_dict(json.loads(args.config)), _worker.emit_progress,
-                        probes, on_probe).to_dict()
+                        probes, on_probe, args.source_ref).to_dict()
 
     return _worker.run_guarded(run, args.json)
 

@@ -18,9 +18,13 @@ QUALITY_AXIS = M.PPL_DELTA_PCT
 PARETO_PLOTS = {
     "pareto_size_vs_quality.png": (M.SIZE_MB, QUALITY_AXIS),
     "pareto_speed_vs_quality.png": (M.DECODE_TOK_S, QUALITY_AXIS),
+    # Fidelity to the user's own model: KL against the Hugging Face source, on a log axis.
+    "pareto_size_vs_source_kl.png": (M.SIZE_MB, M.SRC_KL_MEAN),
 }
+# Axes drawn on a log scale: KL spans from float rounding (1e-12) to a broken export (1e-1).
+LOG_AXES = {M.SRC_KL_MEAN, M.SRC_KL_MAX, M.SRC_KL_P99, M.SRC_KL_MEDIAN}
 # Axes report.md names a winner on, with the sense of "better".
-WINNER_AXES = (M.SIZE_MB, M.DECODE_TOK_S, M.TTFT_MS, M.PEAK_RSS_MB, M.KL_DIV, M.QA_ACCURACY)
+WINNER_AXES = (M.SIZE_MB, M.DECODE_TOK_S, M.TTFT_MS, M.PEAK_RSS_MB, M.KL_DIV, M.SRC_KL_MEAN, M.QA_ACCURACY)
 FIGURE_SIZE = (6.4, 4.4)
 FIGURE_DPI = 110
 
@@ -69,10 +73,48 @@ def pareto_figure(df: pd.DataFrame, x: str, y: str, title: str):
     ax.set_xlabel(f"{x} ({'higher' if x in M.HIGHER_IS_BETTER else 'lower'} is better)")
     ax.set_ylabel(f"{y} ({'higher' if y in M.HIGHER_IS_BETTER else 'lower'} is better)")
     ax.set_title(title)
+    for axis, setter in ((x, ax.set_xscale), (y, ax.set_yscale)):
+        if axis in LOG_AXES and len(data) and (data[axis] > 0).all():
+            setter("log")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def kl_histogram_figure(histogram: dict, title: str):
+    """Per-position KL(P_source || P_variant) counts over log-spaced bins (``quality.kl_histogram``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    edges, counts = histogram["edges"], histogram["counts"]
+    fig, ax = plt.subplots(figsize=FIGURE_SIZE, dpi=FIGURE_DPI)
+    ax.stairs(counts, edges, fill=True, color="#1f77b4", alpha=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("KL(P_source || P_variant) per position, nats (first bin: at or below it)")
+    ax.set_ylabel("positions")
+    ax.set_title(title)
+    ax.axvline(M.EXPORT_MAX_SRC_KL, color="#d62728", linestyle="--", label=f"export tolerance {M.EXPORT_MAX_SRC_KL:g}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def export_mismatch(df: pd.DataFrame, baseline: str = "fp32") -> str | None:
+    """Why the baseline's export differs from its source beyond the export tolerance, or None if it does not."""
+    rows = df[(df["variant"] == baseline) & (df.get("status") == "ok")] if "variant" in df else df.iloc[0:0]
+    if not len(rows) or M.SRC_KL_MAX not in rows or pd.isna(rows.iloc[0][M.SRC_KL_MAX]):
+        return None
+    kl, top1 = float(rows.iloc[0][M.SRC_KL_MAX]), float(rows.iloc[0][M.SRC_TOP1_AGREEMENT])
+    reasons = []
+    if kl > M.EXPORT_MAX_SRC_KL:
+        reasons.append(f"{M.SRC_KL_MAX} {kl:.3g} > {M.EXPORT_MAX_SRC_KL:g}")
+    if top1 < M.EXPORT_MIN_SRC_TOP1:
+        reasons.append(f"{M.SRC_TOP1_AGREEMENT} {top1:.3g} < {M.EXPORT_MIN_SRC_TOP1:g}")
+    return "; ".join(reasons) or None
 
 
 def latency_curve_figure(curves: dict[str, dict[int, float]]):
@@ -131,6 +173,12 @@ def report_markdown(df: pd.DataFrame, sweep_run_id: str | None = None) -> str:
     lines = ["# Sweep report", ""]
     if sweep_run_id:
         lines += [f"Sweep run: `{sweep_run_id}`", ""]
+    mismatch = export_mismatch(df)
+    if mismatch:
+        lines += ["## Export mismatch", "",
+                  f"The fp32 export differs from the Hugging Face source model ({mismatch}). Every variant is built "
+                  "from that export and inherits the error; `slmops promote` refuses this sweep unless given "
+                  "`--allow-export-mismatch`. See docs/troubleshooting.md.", ""]
     lines += ["## Winners", "", "| axis | better | variant | value |", "|---|---|---|---|"]
     for metric, (variant, value) in winners(measured).items():
         sense = "higher" if metric in M.HIGHER_IS_BETTER else "lower"

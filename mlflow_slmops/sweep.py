@@ -1,6 +1,11 @@
 """The whole flow for one model: convert every variant, measure each in a fresh process, log them as
 child runs of one sweep run, and write the comparison (table, Pareto plots, report.md).
 
+Quality is measured twice over: against the sweep's fp32 variant (the quantization error) and against the
+user's Hugging Face model itself, run in PyTorch (``source_ref``: the export error and the quantization error
+together). When fp32 differs from its source beyond the export tolerance, every run of the sweep is tagged
+``slmops.export_mismatch=true`` and ``slmops promote`` refuses it.
+
 Finished measurements are spooled to local JSON before they are logged, so a tracking server that
 goes away loses nothing: `slmops sweep --resume PARENT_RUN_ID` replays the spool and measures only the
 variants that are missing or failed.
@@ -51,6 +56,8 @@ class SweepRequest:
     gen_len: int = 32
     repeats: int = 5
     trust_remote_code: bool = False
+    # Score every variant against the Hugging Face model itself (run once more, in PyTorch).
+    source_check: bool = True
 
     def params(self) -> dict[str, str]:
         return {k: "" if v is None else str(v) for k, v in asdict(self).items()}
@@ -80,6 +87,9 @@ class SweepResult:
     outcomes: list[VariantOutcome]
     table: Any  # pandas.DataFrame, one row per variant
     report_dir: str
+    # Why fp32 differs from the source model beyond the export tolerance; None when it does not (or unchecked).
+    export_mismatch: str | None = None
+    architecture: str = ""
 
 
 def machine_fingerprint() -> dict[str, str]:
@@ -216,12 +226,13 @@ def _benchmark_config(req: SweepRequest):
     return benchmark.BenchmarkConfig(prompt_len=req.prompt_len, gen_len=req.gen_len, repeats=req.repeats)
 
 
-def measure_variant(output_dir: str, req: SweepRequest, baseline_dir: str | None) -> dict:
+def measure_variant(output_dir: str, req: SweepRequest, baseline_dir: str | None,
+                    source_ref: str | None = None) -> dict:
     """Benchmark and evaluate one variant, each in a fresh subprocess. Returns the spool payload."""
     from mlflow_slmops import benchmark, quality
 
     bench = benchmark.run_benchmark(output_dir, _benchmark_config(req))
-    qual = quality.run_evaluate(output_dir, req.text or None, req.qa or None, baseline_dir)
+    qual = quality.run_evaluate(output_dir, req.text or None, req.qa or None, baseline_dir, source_ref=source_ref)
     return {"benchmark": bench.to_dict(), "quality": qual.to_dict(),
             "metrics": {**bench.metrics(), **qual.metrics()},
             "latency_curve": {int(k): v for k, v in bench.latency_by_prompt_len_ms.items()},
@@ -281,6 +292,11 @@ def _log_measurement_artifacts(measured: dict) -> None:
     fig = report.latency_curve_figure({"this variant": measured["latency_curve"]})
     mlflow.log_figure(fig, "latency_by_prompt_len.png")
     plt.close(fig)
+    source = measured["quality"].get("source")
+    if source:
+        fig = report.kl_histogram_figure(source["histogram"], "KL against the source model, per position")
+        mlflow.log_figure(fig, "src_kl_histogram.png")
+        plt.close(fig)
 
 
 def _as_table(rows: list[dict]) -> dict[str, list]:
@@ -389,9 +405,34 @@ def run_sweep(req: SweepRequest | None = None, *, resume_run_id: str | None = No
              f"{', '.join(s.name for s in specs)}")
         outcomes = _sweep_variants(req, specs, existing, parent_id, progress, echo)
         report_dir = Path(req.output) / "report"
+        resume_hint = f"run `slmops sweep --resume {parent_id}` when the server is back"
         table = with_retry("the sweep report", lambda: _log_sweep_artifacts(outcomes, parent_id, report_dir),
-                           f"run `slmops sweep --resume {parent_id}` when the server is back")
-    return SweepResult(parent_id, parent.info.experiment_id, outcomes, table, str(report_dir))
+                           resume_hint)
+        mismatch = with_retry("the export guard", lambda: _guard_export(req, table, outcomes, parent_id), resume_hint)
+    return SweepResult(parent_id, parent.info.experiment_id, outcomes, table, str(report_dir), mismatch,
+                       _architecture(req.model))
+
+
+def _architecture(model_dir: str) -> str:
+    with suppress(OSError, ValueError, IndexError, TypeError):
+        return json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))["architectures"][0]
+    return "this architecture"
+
+
+def _guard_export(req: SweepRequest, table, outcomes: list[VariantOutcome], parent_id: str) -> str | None:
+    """Tag the sweep and every variant run with whether fp32 matches its source; return why not, if not."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    if not req.source_check:
+        client.set_tag(parent_id, M.SOURCE_CHECK_TAG, "skipped")
+        return None
+    client.set_tag(parent_id, M.SOURCE_CHECK_TAG, "ran")
+    mismatch = report.export_mismatch(table, BASELINE_VARIANT)
+    value = "true" if mismatch else "false"
+    for run_id in [parent_id, *(o.run_id for o in outcomes if o.run_id)]:
+        client.set_tag(run_id, M.EXPORT_MISMATCH_TAG, value)
+    return mismatch
 
 
 def _check_inputs(req: SweepRequest) -> None:
@@ -400,6 +441,9 @@ def _check_inputs(req: SweepRequest) -> None:
 
     convert.check_hf_model_dir(req.model, trust_remote_code=req.trust_remote_code)
     convert.check_cache_dir(req.cache_dir)
+    if not isinstance(req.source_check, bool):
+        raise SlmopsError(f"source_check is {req.source_check!r}, expected true or false",
+                          "pass --no-source-check to skip it, or nothing to run it")
     if req.text:
         quality.read_eval_text(req.text)
     if req.qa:
@@ -436,6 +480,7 @@ def _sweep_variants(req, specs, existing, parent_id, progress, echo) -> list[Var
     baseline_dir: str | None = None
     baseline_size: int | None = None
     with sweep_progress(len(specs), enabled=progress) as bar:
+        source_ref = _source_reference(req, parent_id, bar, echo) if req.source_check else None
         for spec in specs:
             bar.stage(spec.name, "convert")
             conv = convert.convert_variant(req.model, spec, str(Path(req.output) / spec.name),
@@ -449,7 +494,7 @@ def _sweep_variants(req, specs, existing, parent_id, progress, echo) -> list[Var
                 bar.advance()
                 continue
             outcomes.append(_run_one(req, spec, conv, baseline_dir, baseline_size, spool,
-                                     prior.info.run_id if prior else None, resume_hint, bar))
+                                     prior.info.run_id if prior else None, resume_hint, bar, source_ref))
             bar.advance()
     return outcomes
 
@@ -459,7 +504,28 @@ def _convert_seconds(conv) -> float:
     return conv.build_s if conv.cached and conv.build_s is not None else conv.convert_s
 
 
-def _run_one(req, spec, conv, baseline_dir, baseline_size, spool, child_id, resume_hint, bar) -> VariantOutcome:
+def _source_reference(req: SweepRequest, parent_id: str, bar, echo: Callable[[str], None]) -> str:
+    """Run the Hugging Face model over the evaluation chunks once (or reuse that run); log what it cost."""
+    import mlflow
+
+    from mlflow_slmops import quality
+
+    bar.stage("source model", "reference logits")
+    ref = quality.source_reference_for(req.model, req.text or None, quality.QualityConfig(), req.cache_dir,
+                                       trust_remote_code=req.trust_remote_code)
+    meta = ref.meta
+    echo(f"  source model: {meta['architecture']} ({meta['source_dtype']}, computed in fp32), "
+         f"{meta['chunks']} chunks of {meta['chunk_tokens']} tokens -> {ref.path}")
+    with_retry("the source reference", lambda: (
+        mlflow.log_params({"source_dtype": meta["source_dtype"], "source_parameters": str(meta["parameters"]),
+                           "source_ref": str(ref.path)}),
+        mlflow.log_metrics({M.SOURCE_CHECK_S: meta["seconds"]})),
+        f"run `slmops sweep --resume {parent_id}` when the tracking server is back")
+    return str(ref.path)
+
+
+def _run_one(req, spec, conv, baseline_dir, baseline_size, spool, child_id, resume_hint, bar,
+             source_ref: str | None = None) -> VariantOutcome:
     size_metrics = {}
     if conv.status == "ok":
         size_metrics = {M.SIZE_MB: conv.size_bytes / 2**20, M.CONVERT_S: _convert_seconds(conv)}
@@ -470,7 +536,7 @@ def _run_one(req, spec, conv, baseline_dir, baseline_size, spool, child_id, resu
     if conv.status == "ok" and not spec.build_only and measured is None:
         bar.stage(spec.name, "measure")
         try:
-            measured = measure_variant(conv.output_dir, req, baseline_dir)
+            measured = measure_variant(conv.output_dir, req, baseline_dir, source_ref)
             spool.write(spec.name, measured)
         except SlmopsError as exc:
             error = f"measurement failed: {exc.message}"
