@@ -185,6 +185,8 @@ def report_markdown(df: pd.DataFrame, sweep_run_id: str | None = None) -> str:
         lines.append(f"| {metric} | {sense} | **{variant}** | {value:.4g} |")
     lines += ["", "## Pareto fronts", ""]
     for fname, (x, y) in PARETO_PLOTS.items():
+        if x not in measured or y not in measured:  # a table from before that metric existed
+            continue
         front = measured.loc[pareto_mask(measured, x, y), "variant"].tolist() if len(measured) else []
         lines.append(f"- {x} vs {y}: {', '.join(front) or 'none'} (`{fname}`)")
     failed = df[df["status"] != "ok"] if "status" in df else df.iloc[0:0]

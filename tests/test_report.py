@@ -39,3 +39,41 @@ def test_write_report_makes_csv_plots_and_markdown(tmp_path):
     assert "| size_mb | lower | **int4** |" in md
     assert "int4-hqq: boom" in md
     assert "run123" in md
+
+
+def _with_source(fp32_kl_max: float, fp32_top1: float) -> pd.DataFrame:
+    src = {"fp32": (1e-14, fp32_kl_max, fp32_top1), "int8": (1e-4, 1e-3, 0.99), "int4": (1e-2, 0.2, 0.9),
+           "int4-bad": (5e-2, 0.9, 0.8)}
+    rows = [{**r, **({"src_kl_mean": src[r["variant"]][0], "src_kl_max": src[r["variant"]][1],
+                      "src_top1_agreement": src[r["variant"]][2]} if r["variant"] in src else {})} for r in ROWS]
+    return pd.DataFrame(rows)
+
+
+def test_report_plots_quality_against_the_source_and_flags_a_wrong_export(tmp_path):
+    paths = report.write_report(_with_source(0.3, 0.76), tmp_path, "run123")
+    png = paths["pareto_size_vs_source_kl.png"].read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    md = paths["report.md"].read_text()
+    assert "## Export mismatch" in md and "src_kl_max 0.3 > 0.0001" in md and "src_top1_agreement 0.76 < 0.99" in md
+    assert "- size_mb vs src_kl_mean: fp32, int8, int4 (`pareto_size_vs_source_kl.png`)" in md
+
+
+def test_a_faithful_export_is_not_flagged():
+    assert report.export_mismatch(_with_source(3e-15, 1.0)) is None
+    assert report.export_mismatch(_with_source(3e-15, 0.95)) == "src_top1_agreement 0.95 < 0.99"
+    assert report.export_mismatch(pd.DataFrame(ROWS)) is None  # no source check: nothing to judge
+
+
+def test_kl_histogram_figure_draws_the_per_position_counts(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from mlflow_slmops.quality import kl_histogram
+
+    hist = kl_histogram([0.0, 1e-13, 1e-6, 1e-6, 2e-3, 5.0, 1e3])
+    assert sum(hist["counts"]) == 7
+    assert hist["counts"][0] == 2  # an exact match and float noise share the first bin
+    assert hist["counts"][-1] == 1  # values past the last edge are counted in the last bin
+    fig = report.kl_histogram_figure(hist, "int4")
+    fig.savefig(tmp_path / "h.png")
+    plt.close(fig)
+    assert (tmp_path / "h.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -83,6 +83,22 @@ def test_fp32_against_itself_is_the_quality_baseline(mlflow_run_sweep):
     assert int4[M.KL_DIV] > 0
 
 
+def test_every_variant_is_scored_against_the_hugging_face_source(mlflow_run_sweep):
+    client, parent, _ = mlflow_run_sweep
+    kids = children(client, parent.info.run_id)
+    fp32, int4 = kids["fp32"].data.metrics, kids["int4"].data.metrics
+    # Qwen2 exports exactly: fp32 matches its PyTorch source to float rounding, and int4's error is its own.
+    assert fp32[M.SRC_KL_MAX] < 1e-9 and fp32[M.SRC_TOP1_AGREEMENT] == 1.0
+    assert int4[M.SRC_KL_MEAN] > 1000 * fp32[M.SRC_KL_MEAN]
+    assert int4[M.SRC_KL_MEAN] == pytest.approx(int4[M.KL_DIV], rel=1e-3)
+    assert parent.data.tags[M.SOURCE_CHECK_TAG] == "ran"
+    assert parent.data.params["source_dtype"] == "float32"
+    assert parent.data.metrics[M.SOURCE_CHECK_S] > 0
+    for run in (parent, kids["fp32"], kids["int4"]):
+        assert client.get_run(run.info.run_id).data.tags[M.EXPORT_MISMATCH_TAG] == "false"
+    assert "src_kl_histogram.png" in {a.path for a in client.list_artifacts(kids["int4"].info.run_id)}
+
+
 def test_failed_variant_is_recorded_and_others_go_on(mlflow_run_sweep):
     client, parent, _ = mlflow_run_sweep
     broken = children(client, parent.info.run_id)["int4-broken"]
@@ -104,7 +120,7 @@ def test_sweep_run_carries_table_plots_and_report(mlflow_run_sweep):
     client, parent, _ = mlflow_run_sweep
     names = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"variants.csv", "variants_table.json", "pareto_size_vs_quality.png",
-            "pareto_speed_vs_quality.png", "report.md"} <= names
+            "pareto_speed_vs_quality.png", "pareto_size_vs_source_kl.png", "report.md"} <= names
     report = Path(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="report.md")).read_text()
     assert "## Winners" in report and "int4-broken" in report
 
