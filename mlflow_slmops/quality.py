@@ -878,11 +878,20 @@ def log_quality(result: QualityResult, log_params: bool = True) -> None:
 
     if log_params:
         mlflow.log_params({"eval_text": result.text_path, "qa_file": result.qa_path,
-                           "baseline_dir": result.baseline_dir or "", "chunk_tokens": result.chunk_tokens})
+                           "baseline_dir": result.baseline_dir or "", "chunk_tokens": result.chunk_tokens,
+                           "source_ref": result.source_ref or ""})
     mlflow.log_metrics(result.metrics())
     mlflow.log_table(pd.DataFrame(result.qa_rows), "qa_answers.json")
     mlflow.log_table(pd.DataFrame(result.probe_rows), "edge_cases.json")
     mlflow.log_dict(result.to_dict(), "quality.json")
+    if result.source is not None:
+        import matplotlib.pyplot as plt
+
+        from mlflow_slmops import report
+
+        fig = report.kl_histogram_figure(result.source["histogram"], "KL against the source model, per position")
+        mlflow.log_figure(fig, "src_kl_histogram.png")
+        plt.close(fig)
 
 
 def log_quality_run(result: QualityResult) -> str:

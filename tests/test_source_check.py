@@ -134,17 +134,32 @@ def test_the_reference_is_one_float32_file_per_chunk_built_once(hf_qwen, qwen_re
     assert not [p for p in qwen_ref.path.parent.iterdir() if source_ref.PARTIAL_TAG in p.name]
 
 
-def test_a_bf16_sharded_source_is_read_in_its_dtype_and_computed_in_fp32(hf_qwen_bf16_sharded, models_root, small_qa):
-    from mlflow_slmops.testing import convert_for_tests
-
+def test_a_sweep_of_a_bf16_sharded_folder_reads_it_in_its_dtype_and_computes_in_fp32(hf_qwen_bf16_sharded, tmp_path):
     assert len(list(hf_qwen_bf16_sharded.glob("model-*-of-*.safetensors"))) > 1
     assert source_ref.saved_dtype(hf_qwen_bf16_sharded) == "bfloat16"
-    ref = quality.source_reference_for(hf_qwen_bf16_sharded, None, FEW)
-    assert ref.meta["source_dtype"] == "bfloat16" and ref.meta["compute_dtype"] == "float32"
-    fp32 = convert_for_tests(hf_qwen_bf16_sharded, models_root / "genai-qwen-bf16-fp32", "fp32")
-    got = quality.evaluate(fp32, qa_path=small_qa, config=FEW, probes=NO_PROBES, source_ref=ref.path).metrics()
-    # The builder upcasts the bf16 weights exactly as PyTorch does: no export error.
-    assert got[M.SRC_KL_MAX] < 1e-9 and got[M.SRC_TOP1_AGREEMENT] == 1.0
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    result = slmops("sweep", "--model", str(hf_qwen_bf16_sharded), "--variants", "fp32,int4",
+                    "--output", str(tmp_path / "out"), "--prompt-len", "16", "--gen-len", "4", "--repeats", "1",
+                    "--quiet", env=env, cwd=str(tmp_path), timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "bfloat16, computed in fp32" in result.stdout
+    runs = _runs(env)
+    sweep = next(r for r in runs if r.data.tags.get(M.ROLE_TAG) == M.ROLE_SWEEP)
+    fp32, int4 = (next(r for r in runs if r.data.tags.get(M.VARIANT_TAG) == v).data.metrics for v in ("fp32", "int4"))
+    assert sweep.data.params["source_dtype"] == "bfloat16"
+    # The builder upcasts the bf16 weights exactly as PyTorch does: no export error, int4's own error on top.
+    assert fp32[M.SRC_KL_MAX] < 1e-9 and fp32[M.SRC_TOP1_AGREEMENT] == 1.0
+    assert int4[M.SRC_KL_MEAN] > 1000 * fp32[M.SRC_KL_MEAN]
+    assert sweep.data.tags[M.EXPORT_MISMATCH_TAG] == "false"
+
+
+def _runs(env: dict) -> list:
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    try:
+        client = mlflow.MlflowClient()
+        return client.search_runs([e.experiment_id for e in client.search_experiments()])
+    finally:
+        mlflow.set_tracking_uri(None)
 
 
 def test_a_variant_with_another_tokenizer_is_refused_against_the_source(genai_llama_fp32, qwen_ref, small_qa):
@@ -154,13 +169,18 @@ def test_a_variant_with_another_tokenizer_is_refused_against_the_source(genai_ll
         quality.evaluate(genai_llama_fp32, qa_path=small_qa, config=FEW, probes=NO_PROBES, source_ref=qwen_ref.path)
 
 
-def test_evaluate_cli_scores_against_a_source_model(hf_qwen, genai_qwen_int4, small_qa, tmp_path):
+def test_evaluate_cli_scores_against_a_source_model_and_logs_its_kl_histogram(hf_qwen, genai_qwen_int4, small_qa,
+                                                                              tracking, tmp_path):
     out = tmp_path / "q.json"
     result = slmops("evaluate", "--model-dir", str(genai_qwen_int4), "--source-model", str(hf_qwen),
-                    "--qa", str(small_qa), "--chunk-tokens", "64", "--json", str(out), "--no-log", "--quiet")
+                    "--qa", str(small_qa), "--chunk-tokens", "64", "--json", str(out), "--quiet")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "src_kl_mean" in result.stdout
     assert json.loads(out.read_text())["source"]["kl_mean"] > 0
+    run_id = result.stdout.strip().splitlines()[-1].split()[-1]
+    client = mlflow.MlflowClient()
+    assert set(M.SOURCE_METRICS) <= set(client.get_run(run_id).data.metrics)
+    assert "src_kl_histogram.png" in {a.path for a in client.list_artifacts(run_id)}
 
 
 def test_evaluate_cli_refuses_a_source_that_is_not_a_model_folder(genai_qwen_int4, tmp_path):
@@ -216,12 +236,7 @@ def test_no_source_check_skips_the_source_model_and_says_so(hf_qwen, tmp_path):
                     "--prompt-len", "16", "--gen-len", "4", "--repeats", "1", "--no-source-check", "--quiet",
                     env=env, cwd=str(tmp_path), timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    try:
-        client = mlflow.MlflowClient()
-        runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    finally:
-        mlflow.set_tracking_uri(None)
+    runs = _runs(env)
     sweep = next(r for r in runs if r.data.tags.get(M.ROLE_TAG) == M.ROLE_SWEEP)
     fp32 = next(r for r in runs if r.data.tags.get(M.VARIANT_TAG) == "fp32")
     assert sweep.data.tags[M.SOURCE_CHECK_TAG] == "skipped"
