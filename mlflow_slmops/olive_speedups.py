@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import json
+import logging
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +44,10 @@ import numpy as np
 
 # Set to 0 to run Olive's own code unpatched (same output, slower): to rule the patches out when in doubt.
 SPEEDUPS_ENV = "SLMOPS_OLIVE_SPEEDUPS"
+# The exact versions whose internals the patches replace and were checked against, bit for bit
+# (tests/test_olive_speedups.py). With any other version installed the patches stay off: stock code, same output.
+VERIFIED_VERSIONS = {"olive-ai": "0.13.0", "onnx": "1.23.2", "onnx-ir": "1.1.0"}
+logger = logging.getLogger(__name__)
 # Olive's own answers for the input model's identifier, keyed by the files' path, size, mtime and inode.
 _OLIVE_ID_MEMO: dict = {}
 # sha256 hex digests of files whose content is known, by (path, size, mtime_ns, inode): see remember_sha256.
@@ -57,16 +63,40 @@ QUANT_ROWS_PER_CHUNK = 2048
 def speedups() -> Iterator[None]:
     """Patch Olive for the duration of one workflow, unless ``SLMOPS_OLIVE_SPEEDUPS=0``.
 
-    Each patch is undone on exit, error or not, and is skipped where the installed Olive or onnx_ir lacks what
-    it replaces.
+    Each patch is undone on exit, error or not. They run only on the ``VERIFIED_VERSIONS`` of Olive, onnx and
+    onnx_ir: on any other, Olive's own code runs (slower, never different), and one info line says so.
     """
     with contextlib.ExitStack() as stack:
-        if os.environ.get(SPEEDUPS_ENV, "1") == "0":
+        if os.environ.get(SPEEDUPS_ENV, "1") == "0" or unverified_versions():
             yield
             return
         for patch in PATCHES.values():
             stack.enter_context(patch())
         yield
+
+
+def unverified_versions() -> dict[str, str]:
+    """The installed versions that differ from ``VERIFIED_VERSIONS`` (empty when the speed-ups may run)."""
+    found = {pkg: _installed_version(pkg) for pkg in VERIFIED_VERSIONS}
+    off = {pkg: got for pkg, got in found.items() if got != VERIFIED_VERSIONS[pkg]}
+    if off:
+        _say_off_once(tuple(sorted(off.items())))
+    return off
+
+
+def _installed_version(pkg: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(pkg)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+@functools.cache
+def _say_off_once(off: tuple[tuple[str, str], ...]) -> None:
+    found = ", ".join(f"{pkg} {got} (verified: {VERIFIED_VERSIONS[pkg]})" for pkg, got in off)
+    logger.info("Olive speed-ups are off for %s: conversion runs Olive's own code (slower, same output)", found)
 
 
 @contextlib.contextmanager

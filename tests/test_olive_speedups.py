@@ -224,3 +224,20 @@ def test_onnx_external_data_with_explicit_offsets_is_left_to_onnx(tmp_path):
     assert {t.name: ExternalDataInfo(t).offset for t in header.graph.initializer if t.name in offsets} == offsets
     loaded = onnx.load(str(tmp_path / "m.onnx"))
     assert {t.name: t.raw_data for t in loaded.graph.initializer if t.name in expected} == expected
+
+
+def test_speedups_run_only_on_the_verified_olive_version(monkeypatch, caplog):
+    rtn = _olive_rtn()
+    stock = rtn._quantize_ndarray
+    assert olive_speedups.unverified_versions() == {}  # this environment is the verified one
+    with speedups():
+        assert rtn._quantize_ndarray is not stock
+    monkeypatch.setitem(olive_speedups.VERIFIED_VERSIONS, "olive-ai", "0.12.0")
+    with caplog.at_level("INFO", logger=olive_speedups.__name__):
+        for _ in range(2):
+            with speedups():
+                assert rtn._quantize_ndarray is stock  # another Olive: its own code, untouched
+    lines = [r.getMessage() for r in caplog.records if r.name == olive_speedups.__name__]
+    assert lines == ["Olive speed-ups are off for olive-ai 0.13.0 (verified: 0.12.0): conversion runs Olive's own "
+                     "code (slower, same output)"]
+    assert rtn._quantize_ndarray is stock
