@@ -18,8 +18,6 @@ import os
 import shutil
 import tempfile
 import threading
-import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +43,7 @@ from mlflow.utils.environment import (
 from mlflow.utils.file_utils import write_to
 from mlflow.utils.model_utils import _get_flavor_configuration, _validate_and_copy_code_paths
 
-from mlflow_slmops import modeldir
+from mlflow_slmops import chat, modeldir
 from mlflow_slmops.errors import SlmopsError
 
 FLAVOR_NAME = "onnx_genai"
@@ -348,7 +346,7 @@ class GenaiModel:
         self._lock = threading.Lock()
 
     def apply_chat_template(self, messages: list[dict]) -> str:
-        _check_messages(messages)
+        chat.check_messages(messages)
         if self.chat_template is None:
             raise SlmopsError(
                 f"{self.path} has no chat template, so chat input cannot be formatted",
@@ -394,32 +392,12 @@ class GenaiModel:
     def chat(self, messages: list[dict], **params) -> dict:
         """OpenAI-style chat completion for one conversation."""
         gen = self.generate(self.apply_chat_template(messages), **params)
-        return {
-            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": self.path.name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": gen.text},
-                         "finish_reason": gen.finish_reason}],
-            "usage": {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens,
-                      "total_tokens": gen.prompt_tokens + gen.completion_tokens},
-        }
+        return chat.completion(self.path.name, gen.text, gen.finish_reason, gen.prompt_tokens, gen.completion_tokens)
 
 
 def _eos_ids(genai_dir: Path) -> set[int]:
     eos = modeldir.read_genai_config(genai_dir)["model"].get("eos_token_id", [])
     return set(eos if isinstance(eos, list) else [eos])
-
-
-def _check_messages(messages: Any) -> None:
-    if not isinstance(messages, list) or not messages:
-        raise SlmopsError("chat input needs a non-empty list of messages", 'send {"messages": [{"role": "user", "content": "..."}]}')
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise SlmopsError(
-                f"message {i} is {m!r}, expected an object with string 'role' and 'content'",
-                "fix the message list",
-            )
 
 
 def _resolve_params(defaults: dict, params: dict | None) -> dict:

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from mlflow_slmops import _worker, metrics, modeldir, tracking
+from mlflow_slmops import _worker, chat, metrics, modeldir, tracking
 from mlflow_slmops import data as packaged_data
 from mlflow_slmops._worker import ProgressFn
 from mlflow_slmops.errors import SlmopsError
@@ -354,13 +354,12 @@ def _check_max_new_tokens(where: str, value: Any) -> int | None:
 
 
 def _check_messages(where: str, messages: Any) -> list[dict]:
-    ok = isinstance(messages, list) and messages and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-        for m in messages)
-    if not ok:
+    """The chat-form question, checked as every chat input is (``chat.check_messages``), the error naming the line."""
+    try:
+        return chat.check_messages(messages)
+    except SlmopsError:
         raise SlmopsError(f"{where}: 'messages' must be a non-empty list of objects with string 'role' and 'content'",
-                          'write "messages": [{"role": "user", "content": "..."}]')
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+                          'write "messages": [{"role": "user", "content": "..."}]') from None
 
 
 # ---------------------------------------------------------------- matching

@@ -26,7 +26,6 @@ import signal
 import sys
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -35,7 +34,7 @@ import click
 from mlflow.deployments import BaseDeploymentClient, PredictionsResponse
 from mlflow.exceptions import MlflowException
 
-from mlflow_slmops import modeldir
+from mlflow_slmops import chat, modeldir
 from mlflow_slmops.deployment import cache as fcache
 from mlflow_slmops.deployment import config as fconfig
 from mlflow_slmops.errors import SlmopsError
@@ -385,17 +384,6 @@ def _summary(entry: fcache.Entry) -> dict:
 # --- chat input and output -------------------------------------------------------------------------
 
 
-def _check_messages(messages: Any) -> list[dict]:
-    if not isinstance(messages, list) or not messages:
-        raise SlmopsError("chat input needs a non-empty list of messages",
-                          'send {"messages": [{"role": "user", "content": "..."}]}')
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) or not isinstance(msg.get("content"), str):
-            raise SlmopsError(f"message {i} is {msg!r}, expected an object with string 'role' and 'content'",
-                              "fix the message list")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
-
-
 def _chat_options(values: dict) -> "Any":
     from mlflow_slmops.deployment.runtime import ChatOptions
 
@@ -415,11 +403,11 @@ def _conversations_from_frame(df) -> tuple[list[list[dict]], dict]:
     if "messages" in df.columns:
         cells = list(df["messages"])
         if all(isinstance(c, dict) for c in cells):
-            return [_check_messages(cells)], options
-        return [_check_messages([dict(m) for m in list(c)]) for c in cells], options
+            return [chat.check_messages(cells)], options
+        return [chat.check_messages([dict(m) for m in list(c)]) for c in cells], options
     if {"role", "content"} <= set(df.columns):
-        return [_check_messages(df[["role", "content"]].to_dict("records"))], options
-    raise SlmopsError(f"input columns {list(df.columns)} hold no chat", 'send {"messages": [{"role": "user", "content": "..."}]}')
+        return [chat.check_messages(df[["role", "content"]].to_dict("records"))], options
+    raise SlmopsError(f"input columns {list(df.columns)} hold no chat", chat.MESSAGES_HINT)
 
 
 def _chat_inputs(inputs: Any) -> tuple[list[list[dict]], Any]:
@@ -433,40 +421,32 @@ def _chat_inputs(inputs: Any) -> tuple[list[list[dict]], Any]:
         options = {k: v for k, v in inputs.items() if k != "messages"}
         msgs = inputs["messages"]
         nested = isinstance(msgs, list) and msgs and all(isinstance(m, list) for m in msgs)
-        conversations = [_check_messages(m) for m in msgs] if nested else [_check_messages(msgs)]
+        conversations = [chat.check_messages(m) for m in msgs] if nested else [chat.check_messages(msgs)]
     elif isinstance(inputs, list) and inputs and all(isinstance(m, list) for m in inputs):
-        conversations = [_check_messages(m) for m in inputs]
+        conversations = [chat.check_messages(m) for m in inputs]
     elif isinstance(inputs, list):
-        conversations = [_check_messages(inputs)]
+        conversations = [chat.check_messages(inputs)]
     elif isinstance(inputs, str) and inputs.strip():
         conversations = [[{"role": "user", "content": inputs}]]
     else:
         raise SlmopsError(f"cannot read chat input of type {type(inputs).__name__}",
-                          'send {"messages": [{"role": "user", "content": "..."}]}')
+                          chat.MESSAGES_HINT)
     return conversations, _chat_options(options)
 
 
 def _completion(model_id: str, result) -> dict:
-    return {
-        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
-        "model": model_id,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                     "finish_reason": result.finish_reason}],
-        "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-                  "total_tokens": result.prompt_tokens + result.completion_tokens},
-    }
+    return chat.completion(model_id, result.text, result.finish_reason, result.prompt_tokens, result.completion_tokens)
 
 
 def _chunks(model_id: str, pieces: Iterator) -> Iterator[dict]:
     from mlflow_slmops.deployment.runtime import ChatResult
 
-    base = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion.chunk",
-            "created": int(time.time()), "model": model_id}
+    base = {"id": chat.completion_id(), "object": "chat.completion.chunk", "created": int(time.time()),
+            "model": model_id}
     for piece in pieces:
         if isinstance(piece, ChatResult):
-            usage = {"prompt_tokens": piece.prompt_tokens, "completion_tokens": piece.completion_tokens,
-                     "total_tokens": piece.prompt_tokens + piece.completion_tokens}
-            yield {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": piece.finish_reason}], "usage": usage}
+            yield {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": piece.finish_reason}],
+                   "usage": chat.usage(piece.prompt_tokens, piece.completion_tokens)}
         else:
             yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": piece},
                                         "finish_reason": None}]}
