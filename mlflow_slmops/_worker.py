@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mlflow_slmops._files import write_json_atomic
 from mlflow_slmops.errors import SlmopsError
 
 # Called with (task description, completed, total) as a worker makes progress.
@@ -45,9 +46,7 @@ def emit_progress(task: str, completed: float, total: float) -> None:
 
 def write_result(path: str | Path, payload: dict) -> None:
     """Worker side: write the result (or ``{"error": ..., "hint": ...}``) for the parent."""
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(path)
+    write_json_atomic(path, payload)
 
 
 def run_guarded(main: Callable[[], dict], json_out: str) -> int:

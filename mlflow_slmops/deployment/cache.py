@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Iterator
 
 from mlflow_slmops import modeldir
+from mlflow_slmops._files import link_or_copy, write_json_atomic
 from mlflow_slmops.errors import SlmopsError
 
 INFERENCE_MODEL_FILE = "inference_model.json"
@@ -58,9 +59,6 @@ PAUSE_MAX_S = 600
 # Linux renameat2 flag: swap two paths in one atomic step.
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
-_FICLONE = 0x40049409
-# link() failures after which a copy can still work (other filesystem, no permission to link, ...).
-_LINK_FALLBACK_ERRNOS = {errno.EXDEV, errno.EPERM, errno.EACCES, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP}
 
 
 def validate_name(name: str, what: str = "deployment name") -> str:
@@ -359,44 +357,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def link_or_copy(src: Path, dst: Path) -> str:
-    """Hardlink src to dst; else reflink; else copy. Returns "hardlink", "reflink" or "copy"."""
-    try:
-        os.link(src, dst)
-        return "hardlink"
-    except OSError as exc:
-        if exc.errno not in _LINK_FALLBACK_ERRNOS:
-            raise
-    if _reflink(src, dst):
-        return "reflink"
-    shutil.copyfile(src, dst)
-    return "copy"
-
-
-def _reflink(src: Path, dst: Path) -> bool:
-    """Copy-on-write clone (btrfs, XFS) via the FICLONE ioctl; False where unsupported."""
-    import fcntl
-
-    try:
-        with open(src, "rb") as fin, open(dst, "wb") as fout:
-            fcntl.ioctl(fout.fileno(), _FICLONE, fin.fileno())
-        return True
-    except OSError:
-        dst.unlink(missing_ok=True)
-        return False
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write a JSON file fully (fsynced) under a temporary name, then rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, ensure_ascii=False)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 @dataclass(frozen=True)
 class FolderContents:
     """Everything that goes into one deployed model folder."""
@@ -423,14 +383,14 @@ def build(staging: Path, contents: FolderContents) -> str:
         elif rel.as_posix() not in skip:
             shutil.copyfile(src, dst)  # small files are copied, so editing one never touches the artifact store
     # A fresh file (never a hardlink into the artifact store): it carries this deployment's search defaults.
-    write_json(staging / modeldir.GENAI_CONFIG, contents.genai_config)
+    write_json_atomic(staging / modeldir.GENAI_CONFIG, contents.genai_config)
     if contents.chat_template is not None and not (staging / modeldir.CHAT_TEMPLATE_FILE).exists():
         (staging / modeldir.CHAT_TEMPLATE_FILE).write_text(contents.chat_template, encoding="utf-8")
     link_mode = "copy" if "copy" in modes else "reflink" if "reflink" in modes else "hardlink" if modes else "copy"
     contents.provenance.link_mode = link_mode
-    write_json(staging / PROVENANCE_FILE, contents.provenance.to_dict())
+    write_json_atomic(staging / PROVENANCE_FILE, contents.provenance.to_dict())
     _test_pause()
-    write_json(staging / INFERENCE_MODEL_FILE, contents.inference_model)
+    write_json_atomic(staging / INFERENCE_MODEL_FILE, contents.inference_model)
     return link_mode
 
 
