@@ -23,12 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
+from mlflow_slmops import variants
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "out"
 # Qwen2.5-0.5B's shape: 494M parameters with tied embeddings.
 QWEN05_SHAPE = dict(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab_size=151936,
                     max_positions=32768)
-DEFAULT_VARIANTS = "fp32,int8,int4,int4-b128-asym"
 BANDWIDTH_BYTES = 512 << 20
 BANDWIDTH_TRIALS = 7
 GB = 1e9
@@ -99,11 +100,12 @@ def streamed_bytes(model_dir: str) -> tuple[int, int]:
 def _initializer_bytes(init) -> int:
     import onnx
 
-    from mlflow_slmops.modeldir import _ONNX_DTYPE_BYTES
+    from mlflow_slmops.modeldir import tensor_bytes
 
     if init.data_location == onnx.TensorProto.EXTERNAL:
         return int({e.key: e.value for e in init.external_data}.get("length", 0))
-    return int(np.prod(init.dims)) * _ONNX_DTYPE_BYTES.get(init.data_type, 4)
+    size = tensor_bytes(init.data_type, init.dims)
+    return size if size is not None else len(init.raw_data)
 
 
 def bare_loop(model, ids: list[int], gen_len: int, warmup: int, repeats: int) -> dict:
@@ -275,7 +277,7 @@ def markdown(results: list[dict], info: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", default=DEFAULT_VARIANTS)
+    parser.add_argument("--variants", default=variants.DEFAULT_VARIANTS)
     parser.add_argument("--work", type=Path, default=OUT / "qwen05")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--gen-len", type=int, default=32)

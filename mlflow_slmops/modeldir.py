@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,8 +22,18 @@ CHAT_TEMPLATE_FILE = "chat_template.jinja"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 # ONNX external-data files are read in chunks of this size when hashing.
 _HASH_CHUNK = 1 << 20
-# Bytes of one element for each ONNX TensorProto data type we may see as a weight.
-_ONNX_DTYPE_BYTES = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 16: 2, 21: 1, 22: 1}
+# Bits of one element of each fixed-size ONNX TensorProto data type (FLOAT, UINT8, INT8, UINT16, INT16, INT32,
+# INT64, BOOL, FLOAT16, DOUBLE, UINT32, UINT64, BFLOAT16, UINT4, INT4); 4-bit types pack two elements a byte.
+# Strings and types not listed have no fixed size: their bytes are measured.
+ONNX_ELEMENT_BITS = {1: 32, 2: 8, 3: 8, 4: 16, 5: 16, 6: 32, 7: 64, 9: 8, 10: 16, 11: 64, 12: 32, 13: 64, 16: 16,
+                     21: 4, 22: 4}
+BITS_PER_BYTE = 8
+
+
+def tensor_bytes(data_type: int, dims) -> int | None:
+    """Bytes of a dense tensor's raw data from its type and dims, or None for a type of no fixed size."""
+    bits = ONNX_ELEMENT_BITS.get(data_type)
+    return None if bits is None else -(-math.prod(dims) * bits // BITS_PER_BYTE)
 
 
 @dataclass(frozen=True)
@@ -239,8 +250,6 @@ def onnx_weight_bytes(model_dir: str | Path) -> int:
             info = {e.key: e.value for e in init.external_data}
             total += int(info.get("length", 0))
         else:
-            count = 1
-            for d in init.dims:
-                count *= d
-            total += count * _ONNX_DTYPE_BYTES.get(init.data_type, 4)
+            size = tensor_bytes(init.data_type, init.dims)
+            total += size if size is not None else len(init.raw_data)
     return total

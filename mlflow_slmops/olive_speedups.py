@@ -34,13 +34,14 @@ import contextlib
 import functools
 import json
 import logging
-import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
+
+from mlflow_slmops import modeldir
 
 # Set to 0 to run Olive's own code unpatched (same output, slower): to rule the patches out when in doubt.
 SPEEDUPS_ENV = "SLMOPS_OLIVE_SPEEDUPS"
@@ -52,9 +53,6 @@ logger = logging.getLogger(__name__)
 _OLIVE_ID_MEMO: dict = {}
 # sha256 hex digests of files whose content is known, by (path, size, mtime_ns, inode): see remember_sha256.
 _KNOWN_SHA256: dict[tuple[str, int, int, int], str] = {}
-# Bytes per element of the fixed-size ONNX tensor types, by TensorProto.DataType (FLOAT, UINT8, INT8, UINT16,
-# INT16, INT32, INT64, BOOL, FLOAT16, DOUBLE, UINT32, UINT64, BFLOAT16); sub-byte and string types are measured.
-_ELEMENT_BYTES = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2}
 # Rows of the weight per task of block_quantize: small enough that a chunk's temporaries stay in a few MB.
 QUANT_ROWS_PER_CHUNK = 2048
 
@@ -290,8 +288,8 @@ def _pwrite_all(fd: int, data: bytes, offset: int, length: int) -> bool:
 
 def _raw_data_length(tensor) -> int:
     """len(tensor.raw_data) from its type and dims where the type has a fixed size: reading raw_data copies it."""
-    element = _ELEMENT_BYTES.get(tensor.data_type)
-    return element * math.prod(tensor.dims) if element else len(tensor.raw_data)
+    size = modeldir.tensor_bytes(tensor.data_type, tensor.dims)
+    return size if size is not None else len(tensor.raw_data)
 
 
 # Each speed-up by name (benchmarks/bench_convert.py --ablate leaves them out one at a time).
