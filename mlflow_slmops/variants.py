@@ -29,6 +29,8 @@ BLOCK_SIZES = (16, 32, 64, 128, 256)
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 DEFAULT_BLOCK_SIZE = 32
 DEFAULT_ACCURACY_LEVEL = 4
+# The variants a sweep builds unless told otherwise; MLproject's `variants` defaults repeat it (a test holds them equal).
+DEFAULT_VARIANTS = "fp32,int8,int4,int4-b128-asym"
 EXECUTION_PROVIDERS = ("cpu", "cuda", "dml", "webgpu")
 DEVICES = ("cpu", "gpu")
 # The device each execution provider runs on.

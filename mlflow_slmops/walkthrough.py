@@ -5,7 +5,6 @@ train (or load cached) -> sweep -> promote -> `mlflow deployments create -t foun
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -15,8 +14,9 @@ from pathlib import Path
 from typing import Callable
 
 from mlflow_slmops.errors import SlmopsError
+from mlflow_slmops.variants import DEFAULT_VARIANTS
 
-DEMO_VARIANTS = "fp32,int8,int4,int4-b128-asym"
+DEMO_VARIANTS = DEFAULT_VARIANTS
 DEMO_EXPERIMENT = "slmops-demo"
 DEFAULT_FOUNDRY_CACHE = Path(".slmops") / "foundry-cache"
 DEMO_OUTPUT = Path(".slmops") / "variants"
