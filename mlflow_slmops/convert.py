@@ -2,7 +2,8 @@
 
 Every variant is an Olive workflow run in this process (``olive.workflows.run``). All workflows share one
 Olive cache, so the fp32 ``ModelBuilder`` export is made once and every quantized variant starts from it.
-Each workflow runs under ``olive_speedups.speedups()``: faster code for slow spots of Olive, same output bytes.
+Each workflow runs under ``olive_speedups.speedups()``: faster code for slow spots of Olive, same output bytes;
+and under ``architectures.builder_fixes()``, which closes the builder gaps ``docs/architectures.md`` lists.
 On top of Olive's cache sits a content-addressed cache of finished, validated variant folders keyed by
 the input model's content, the variant spec and the tool versions: re-running a sweep re-converts nothing.
 
@@ -48,7 +49,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Callable, Iterator
 
-from mlflow_slmops import errors, modeldir, olive_speedups
+from mlflow_slmops import architectures, errors, modeldir, olive_speedups
 from mlflow_slmops.variants import VariantSpec
 
 logger = logging.getLogger(__name__)
@@ -60,7 +61,8 @@ DEFAULT_CACHE_DIR = Path("~/.cache/mlflow-slmops")
 OLIVE_CONFIG_FILE = "olive_config.json"
 ENTRY_MANIFEST = "slmops_entry.json"
 # Bump when the recipe below changes what a spec builds, so old cache entries stop matching.
-RECIPE_VERSION = 1
+# 2: architectures.BUILDER_FIXES (Phi, Phi-3 LongRoPE, Nemotron, Gemma 2 and 3, OLMo, SmolLM3, GPT-OSS).
+RECIPE_VERSION = 2
 # Files Olive writes into a workflow's output_dir that are not part of the model.
 OLIVE_CLUTTER = ("footprint.json", "output_footprint.json", "input_model_footprint.json", "run_history.txt",
                  "model_config.json")
@@ -114,6 +116,8 @@ _HEAP_REUSED = threading.Event()
 _olive_import: threading.Thread | None = None
 # Set by a Ctrl-C during a conversion (see _sigint_noted).
 _SIGINT_SEEN = threading.Event()
+# config.json files whose known export divergence (architectures.check_convertible) was logged in this process.
+_DIVERGENCE_WARNED: set[str] = set()
 
 
 @dataclass
@@ -213,6 +217,10 @@ def _check_architecture(cfg_path: Path, config: dict) -> None:
             f"supported: {', '.join(supported)}",
             UNSUPPORTED_HINT,
         )
+    warning = architectures.check_convertible(config)  # refuses a known builder gap before any work
+    if warning and str(cfg_path) not in _DIVERGENCE_WARNED:
+        _DIVERGENCE_WARNED.add(str(cfg_path))  # the input is checked again for every variant: warn once
+        logger.warning(warning)
 
 
 def _check_weights_and_tokenizer(path: Path) -> None:
@@ -437,11 +445,16 @@ def olive_config(model_dir: str | Path, spec: VariantSpec, output_dir: str, cach
     input_model: dict = {"type": "HfModel", "model_path": str(Path(model_dir).resolve())}
     if trust_remote_code:
         input_model["load_kwargs"] = {"trust_remote_code": True}
+    passes = olive_passes(spec)
+    fixes = architectures.fixes_for(modeldir.read_json_or_empty(Path(model_dir) / "config.json"))
+    if fixes:  # named in the export's own options: this file says so, and Olive's cache keys on it
+        builder = passes["builder"]
+        builder["extra_options"] = {**builder.get("extra_options", {}), architectures.FIXES_OPTION: ",".join(fixes)}
     config = {
         "input_model": input_model,
         "systems": {"local": {"type": "LocalSystem", "accelerators": [
             {"device": spec.device, "execution_providers": [spec.ort_provider]}]}},
-        "passes": olive_passes(spec),
+        "passes": passes,
         "host": "local",
         "target": "local",
         "output_dir": output_dir,
@@ -500,7 +513,8 @@ def _run_olive(config: dict, log_path: Path) -> list[tuple[Path, Path]]:
     from olive.workflows import run as olive_run
 
     deferred: list[tuple[Path, Path]] = []
-    with olive_speedups.speedups(), _deferred_output_copy(deferred), _captured_output(log_path):
+    with olive_speedups.speedups(), architectures.builder_fixes(), _deferred_output_copy(deferred), \
+            _captured_output(log_path):
         olive_run(config)
     return deferred
 

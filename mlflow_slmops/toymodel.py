@@ -33,6 +33,9 @@ LLAMA3_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
 
+# A BPE trained on DEFAULT_CORPUS runs out of merges well before this; asking for more only costs time.
+TOKENIZER_VOCAB_CAP = 2048
+
 DEFAULT_CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
     "Small language models run well on a laptop CPU when they are quantized to 4 bits.",
@@ -193,4 +196,45 @@ def build_tiny_model(
     hf_logging.disable_progress_bar()  # a one-shard save needs no "Writing model shards" bar in the demo's output
     model.save_pretrained(str(out), safe_serialization=True)
     GenerationConfig(bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=eos_id).save_pretrained(str(out))
+    return out
+
+
+def build_tiny_architecture(out: str | Path, case: str, *, vocab_size: int = 1024, seed: int = 0,
+                            tokenizer=None) -> Path:
+    """Build a small random-weight HF folder of one ``architectures.TINY_SHAPES`` case (ChatML tokenizer).
+
+    The model's vocabulary is ``vocab_size`` whatever the trained tokenizer reaches (a BPE trained on the small
+    corpus stops short of 150k tokens), so a realistic embedding and lm_head size can be compared by token ids.
+
+    Args:
+        out: folder to write (created).
+        case: a key of ``architectures.TINY_SHAPES``, e.g. "gemma3" or "phi4-mini".
+        vocab_size: rows of the embedding and lm_head.
+        tokenizer: a trained ``tokenizers.Tokenizer`` to reuse; trained on ``DEFAULT_CORPUS`` if None.
+
+    Example:
+        >>> build_tiny_architecture("/tmp/tiny-gemma3", "gemma3")  # doctest: +SKIP
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from mlflow_slmops.architectures import TINY_BASE, TINY_SHAPES
+
+    shape = TINY_SHAPES[case]
+    spec = ARCHS["qwen2"]
+    tok = tokenizer or train_tokenizer(DEFAULT_CORPUS * 4, min(vocab_size, TOKENIZER_VOCAB_CAP), "qwen2")
+    bos_id, eos_id = tok.token_to_id(spec.bos), tok.token_to_id(spec.eos)
+    config = AutoConfig.for_model(shape.model_type, **{
+        **TINY_BASE, "vocab_size": vocab_size, "bos_token_id": bos_id, "eos_token_id": eos_id,
+        "pad_token_id": eos_id, **shape.config})
+    config.architectures = [shape.architecture]
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    out = build_tiny_model(out, "qwen2", tokenizer=tok, model=model)
+    saved = json.loads((out / "config.json").read_text())
+    if saved["architectures"] != [shape.architecture]:
+        # save_pretrained writes transformers' class name (PhimoeForCausalLM); the checkpoints on the Hub, and
+        # so the builder, name it otherwise (PhiMoEForCausalLM).
+        saved["architectures"] = [shape.architecture]
+        (out / "config.json").write_text(json.dumps(saved, indent=2))
     return out
