@@ -8,17 +8,19 @@ TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: install demo test bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml devkit/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[dev]"
+	# The demo and test kit: beside the package in this environment, never inside its wheel.
+	$(BIN)/pip install -q --no-deps -e devkit
 	touch $(STAMP)
 
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/slmops demo
+	$(BIN)/slmops-demo
 
 # Two workers; --dist loadfile keeps each test file (and its module fixtures) on one worker.
 PYTEST_WORKERS ?= 2

@@ -91,7 +91,7 @@ def builder_alone(hf_dir: Path, out: Path) -> tuple[Path | None, str]:
 
 
 def measure(case: str, args, tokenizer) -> dict:
-    from mlflow_slmops.toymodel import build_tiny_architecture
+    from devkit.toymodel import build_tiny_architecture
 
     shape = A.TINY_SHAPES[case]
     start = time.perf_counter()
@@ -286,7 +286,7 @@ def main() -> None:
         print(f"wrote {DOC}")
         return
 
-    from mlflow_slmops.toymodel import DEFAULT_CORPUS, TOKENIZER_VOCAB_CAP, train_tokenizer
+    from devkit.toymodel import DEFAULT_CORPUS, TOKENIZER_VOCAB_CAP, train_tokenizer
 
     tokenizer = train_tokenizer(DEFAULT_CORPUS * 4, min(args.vocab, TOKENIZER_VOCAB_CAP), "qwen2")
     rows = []

@@ -26,7 +26,7 @@ PRECISIONS = ("fp32", "int4")
 
 
 def train(cache: Path) -> dict:
-    from mlflow_slmops import demo
+    from devkit import demo
 
     load_before = os.getloadavg()[0]
     wall = time.perf_counter()
@@ -45,7 +45,7 @@ def train(cache: Path) -> dict:
 
 def score(hf: Path, work: Path) -> dict:
     from mlflow_slmops import quality
-    from mlflow_slmops.testing import convert_for_tests
+    from devkit.testing import convert_for_tests
 
     dirs = {p: convert_for_tests(hf, work / p, p) for p in PRECISIONS}
     out, answers = {}, {}

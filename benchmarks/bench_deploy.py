@@ -37,8 +37,8 @@ MODEL_NAME = "bench-deploy"
 
 def build_genai(work: Path) -> Path:
     """A tiny real genai folder (Olive ModelBuilder fp32 of the Qwen2 toy model)."""
-    from mlflow_slmops.testing import convert_for_tests
-    from mlflow_slmops.toymodel import build_tiny_model
+    from devkit.testing import convert_for_tests
+    from devkit.toymodel import build_tiny_model
 
     hf = build_tiny_model(work / "hf", "qwen2")
     return convert_for_tests(hf, work / "genai", "fp32")

@@ -41,7 +41,7 @@ def build_hf_model(work: Path) -> Path:
     hf = work / "hf-qwen05"
     if (hf / "config.json").is_file():
         return hf
-    from mlflow_slmops.toymodel import build_tiny_model
+    from devkit.toymodel import build_tiny_model
 
     print(f"building {hf} ...", flush=True)
     return build_tiny_model(hf, "qwen2", **QWEN05_SHAPE)

@@ -9,7 +9,7 @@ request cap, whichever comes first. Reported per path: requests, errors (must be
 p50/p95, and the memory of the serving process(es): RSS after warm-up, at the end, and the growth between
 them (a leak shows as growth that keeps climbing; the target is < 5%).
 
-The model is the demo model's int4 variant (``mlflow_slmops.demo.build_demo_model`` converted with the
+The model is the demo model's int4 variant (``devkit.demo.build_demo_model`` converted with the
 product's converter), or any genai folder given with ``--genai-dir``.
 
 Run:  .venv/bin/python benchmarks/bench_load.py [--duration 120] [--threads 8] [--paths deploy,serve]
@@ -156,8 +156,8 @@ def run_load(name: str, call: Callable[[], int], rss: Callable[[], int], threads
 
 def demo_genai_dir() -> Path:
     """The demo model, trained once, converted to int4 with the product's converter (cached under out/)."""
-    from mlflow_slmops.demo import build_demo_model
-    from mlflow_slmops.testing import convert_for_tests
+    from devkit.demo import build_demo_model
+    from devkit.testing import convert_for_tests
 
     target = DEMO_DIR / "genai-int4"
     if not (target / "genai_config.json").is_file():

@@ -145,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _tiny_genai(work: Path) -> Path:
-    from mlflow_slmops.testing import convert_for_tests
-    from mlflow_slmops.toymodel import build_tiny_model
+    from devkit.testing import convert_for_tests
+    from devkit.toymodel import build_tiny_model
 
     return convert_for_tests(build_tiny_model(work / "hf"), work / "genai-int4", "int4")
 

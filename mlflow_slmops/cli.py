@@ -12,6 +12,7 @@ import sys
 import click
 
 from mlflow_slmops import __version__, errors
+from mlflow_slmops.variants import DEFAULT_VARIANTS
 
 EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -59,6 +60,9 @@ def _mlflow_exception() -> type[Exception]:
 @click.version_option(__version__, prog_name="slmops")
 def main() -> None:
     """mlflow-slmops: convert, measure, promote and deploy small language models with MLflow."""
+    from mlflow_slmops import convert
+
+    convert.own_this_process()  # this process is ours: conversions may tune its heap for speed
 
 
 @main.command("log-model")
@@ -126,10 +130,11 @@ SWEEP_TABLE_COLUMNS = ["variant", "status", "size_mb", "compression_ratio", "dec
 
 @main.command("sweep")
 @click.option("--model", type=click.Path(), default=None, help="Hugging Face model folder (the fine-tuned model).")
-@click.option("--variants", default="fp32,int8,int4,int4-b128-asym", show_default=True,
+@click.option("--variants", default=DEFAULT_VARIANTS, show_default=True,
               help="Comma-separated preset or variants-file names.")
 @click.option("--variants-file", default=None, callback=_blank_to_none, help="YAML or JSON file of custom variants.")
-@click.option("--output", default=".slmops/variants", show_default=True, help="Where variant folders are written.")
+@click.option("--output", default=None, callback=_blank_to_none,
+              help="Where variant folders are written (default .slmops/variants/<model folder name>-<content hash>).")
 @click.option("--cache-dir", default=None, callback=_blank_to_none, help="Conversion cache (default ~/.cache/mlflow-slmops).")
 @click.option("--text", default=None, callback=_blank_to_none, help="Perplexity text file (default: bundled).")
 @click.option("--qa", default=None, callback=_blank_to_none, help="QA JSONL file (default: bundled).")
@@ -156,7 +161,8 @@ def sweep_cmd(model, variants, variants_file, output, cache_dir, text, qa, promp
         model=model, variants=variants, variants_file=variants_file, output=output, cache_dir=cache_dir,
         text=text, qa=qa, prompt_len=prompt_len, gen_len=gen_len, repeats=repeats,
         trust_remote_code=trust_remote_code, source_check=source_check_value and not no_source_check)
-    result = sweep.run_sweep(req, resume_run_id=resume_run_id, progress=not quiet, echo=click.echo)
+    result = sweep.run_sweep(req, resume_run_id=resume_run_id, progress=not quiet, echo=click.echo,
+                             warn=functools.partial(click.echo, err=True))
     _print_table(result.table, SWEEP_TABLE_COLUMNS)
     click.echo(f"Report: {result.report_dir}/report.md")
     click.echo(f"Sweep run ID: {result.parent_run_id}")
@@ -201,40 +207,15 @@ def promote_cmd(sweep_run_id, name, alias, max_ppl_delta_pct, min_qa_accuracy, o
     click.echo(f"Model URI: {result.model_uri}")
 
 
-@main.command("demo")
-@click.option("--foundry-cache", default=".slmops/foundry-cache", show_default=True,
-              help="Foundry Local model cache the demo deploys into (project-local by default).")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
-@friendly_errors
-def demo_cmd(foundry_cache: str, quiet: bool) -> None:
-    """Train the demo model, sweep, promote, deploy to Foundry Local and ask it a question."""
-    from pathlib import Path
-
-    import pandas as pd
-
-    from mlflow_slmops import tracking, walkthrough
-
-    tracking.configure(walkthrough.DEMO_EXPERIMENT)
-    r = walkthrough.run_demo(Path(foundry_cache), echo=click.echo, progress=not quiet)
-    click.echo("\nVariants")
-    _print_table(r.table, SWEEP_TABLE_COLUMNS)
-    click.echo("\nPromotion decision")
-    _print_table(pd.DataFrame(r.decisions), ["variant", "accepted", "chosen", "reason"])
-    click.echo(f"\nChampion: {r.champion}, because it is the {r.reason}.")
-    click.echo(f"Registered: {r.model_uri}")
-    click.echo(f"\nQ: {walkthrough.DEMO_QUESTION}\nA (Foundry Local): {r.answer}")
-    click.echo(f"\nDone in {r.seconds:.0f} s. Compare the runs in the MLflow UI:")
-    click.echo(f"  .venv/bin/mlflow ui --backend-store-uri {tracking.tracking_uri()}")
-
-
 # --- stage commands are added below, one per stage module ---
 
 
 @main.command("convert")
 @click.option("--model", required=True, type=click.Path(), help="Hugging Face model folder (the fine-tuned model).")
-@click.option("--variants", default="fp32,int8,int4,int4-b128-asym", show_default=True,
+@click.option("--variants", default=DEFAULT_VARIANTS, show_default=True,
               help="Comma list of presets and/or names from --variants-file.")
-@click.option("--output", required=True, type=click.Path(), help="Parent folder of the variant folders.")
+@click.option("--output", default=None, callback=_blank_to_none,
+              help="Parent folder of the variant folders (default .slmops/variants/<model folder name>-<content hash>).")
 @click.option("--variants-file", default=None, callback=_blank_to_none, help="YAML or JSON file of custom variants.")
 @click.option("--cache-dir", default=None, callback=_blank_to_none,
               help="Conversion cache (default $SLMOPS_CACHE_DIR or ~/.cache/mlflow-slmops).")
@@ -251,7 +232,14 @@ def convert_cmd(model, variants, output, variants_file, cache_dir, trust_remote_
     from mlflow_slmops import convert
     from mlflow_slmops.variants import resolve_variants
 
+    from mlflow_slmops import architectures
+
     specs = resolve_variants(variants, variants_file)
+    note = architectures.check_convertible(convert.check_hf_model_dir(model, trust_remote_code))
+    if note:
+        click.echo(f"Warning: {note}", err=True)
+    if output is None:
+        output = convert.default_output_dir(model, cache_dir)
     results = convert.convert_variants(model, specs, output, cache_dir=cache_dir,
                                        trust_remote_code=trust_remote_code, progress=not quiet,
                                        link=not copy_files)

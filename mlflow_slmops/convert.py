@@ -59,6 +59,9 @@ CACHE_ENV = "SLMOPS_CACHE_DIR"
 PARTIAL_TAG = ".partial-"
 DEFAULT_CACHE_DIR = Path("~/.cache/mlflow-slmops")
 OLIVE_CONFIG_FILE = "olive_config.json"
+# Default output: DEFAULT_OUTPUT_ROOT/<model folder name>-<first OUTPUT_KEY_CHARS of the model's content hash>/
+DEFAULT_OUTPUT_ROOT = ".slmops/variants"
+OUTPUT_KEY_CHARS = 8
 ENTRY_MANIFEST = "slmops_entry.json"
 # Bump when the recipe below changes what a spec builds, so old cache entries stop matching.
 # 2: architectures.BUILDER_FIXES (Phi, Phi-3 LongRoPE, Nemotron, Gemma 2 and 3, OLMo, SmolLM3, GPT-OSS).
@@ -70,6 +73,7 @@ OLIVE_CLUTTER = ("footprint.json", "output_footprint.json", "input_model_footpri
 LOGITS = "logits"
 # Olive's engine verbosity: 3 = errors only.
 OLIVE_LOG_LEVEL = 3
+OLIVE_TELEMETRY_ENV = "OLIVE_DISABLE_TELEMETRY"
 # Tokens the post-build check generates.
 VALIDATE_NEW_TOKENS = 4
 VALIDATE_TIMEOUT_S = 900
@@ -110,6 +114,9 @@ print(json.dumps({"new_tokens": new}))
 
 # Set while a sweep runs: release_memory freezes what survives its collection (see _gc_walks_only_new_objects).
 _FREEZE_SURVIVORS = threading.Event()
+# Set by the slmops CLI, which owns its process (own_this_process): only then does a conversion change
+# process-wide state for speed (glibc's heap policy) or leave Olive's writes in the environment.
+_PROCESS_OWNED = threading.Event()
 # Set while a conversion runs: freed memory stays with the process (see _heap_reused_between_variants).
 _HEAP_REUSED = threading.Event()
 # The thread importing Olive while the input model is hashed (see _import_olive_in_background).
@@ -321,6 +328,18 @@ def input_model_hash(model_dir: str | Path, cache_dir: str | Path | None = None,
         with contextlib.suppress(OSError):  # the memo only saves time
             _write_json_atomic(memo_path, memo)
     return digest.hexdigest()
+
+
+def default_output_dir(model_dir: str | Path, cache_dir: str | Path | None = None) -> str:
+    """Where variants go when no output folder is given: keyed by the model folder's name and content, so
+    sweeps of two models in one project never collide and a re-sweep of the same model reuses its folders.
+
+    Example:
+        >>> default_output_dir("./my-finetuned-model")  # doctest: +SKIP
+        '.slmops/variants/my-finetuned-model-3f2a9c01'
+    """
+    key = input_model_hash(model_dir, check_cache_dir(cache_dir))[:OUTPUT_KEY_CHARS]
+    return str(Path(DEFAULT_OUTPUT_ROOT) / f"{Path(model_dir).resolve().name}-{key}")
 
 
 def _remembered_hash(memo: dict, path: Path, st: os.stat_result) -> str | None:
@@ -553,6 +572,24 @@ def _finish_copies(deferred: list[tuple[Path, Path]], link: bool) -> None:
         shutil.copytree(src, dst, dirs_exist_ok=True, copy_function=copy)
 
 
+def _environment_as_found(convert_fn: Callable) -> Callable:
+    """A conversion gives os.environ back exactly as found, unless the process is ours (``own_this_process``):
+    Olive writes to it as it imports and runs (OLIVE_DISABLE_TELEMETRY, OLIVE_CACHE_DIR and others)."""
+
+    @functools.wraps(convert_fn)
+    def wrapper(*args, **kwargs):
+        saved = dict(os.environ)
+        try:
+            return convert_fn(*args, **kwargs)
+        finally:
+            if not _PROCESS_OWNED.is_set() and dict(os.environ) != saved:
+                for key in set(os.environ) - set(saved):
+                    del os.environ[key]
+                os.environ.update(saved)
+
+    return wrapper
+
+
 def _quiet_olive_telemetry() -> None:
     """Keep Olive's telemetry off unless the user turned it on (OLIVE_DISABLE_TELEMETRY=0).
 
@@ -560,9 +597,9 @@ def _quiet_olive_telemetry() -> None:
     retries and the interpreter waits ~15 s at exit to flush it. Olive skips the heartbeat in CI, so its
     telemetry singleton is created once with CI set, and the environment restored.
     """
-    if os.environ.get("OLIVE_DISABLE_TELEMETRY", "1") != "1":
+    if os.environ.get(OLIVE_TELEMETRY_ENV, "1") != "1":
         return
-    os.environ["OLIVE_DISABLE_TELEMETRY"] = "1"
+    os.environ[OLIVE_TELEMETRY_ENV] = "1"
     try:
         from olive.telemetry.telemetry import Telemetry
     except ImportError:  # another Olive layout: the env var alone must do
@@ -896,6 +933,16 @@ def _finish(job: _Job, cancel: threading.Event | None = None) -> ConversionResul
                             job.manifest.get("build_s"))
 
 
+def own_this_process() -> None:
+    """Let conversions tune process-wide state for speed: for a program that owns its process (the slmops CLI).
+
+    Then glibc keeps freed memory for the next variant during a conversion (see ``_heap_reused_between_variants``)
+    and what Olive writes into the environment stays. A host application that imports the library and does not
+    call this keeps its heap settings and its environment exactly as they were.
+    """
+    _PROCESS_OWNED.set()
+
+
 def release_memory() -> None:
     """Free what the last variant left in reference cycles, so variants never add up in one process.
 
@@ -942,12 +989,13 @@ def _heap_reused_between_variants() -> Iterator[None]:
     trims it: the process keeps its high-water mark, which one variant sets, since variants never live
     together. On the way out the defaults come back and the heap is trimmed.
 
-    Nested calls, non-glibc platforms and a user who tuned glibc's heap (GLIBC_TUNABLES, MALLOC_*_) are left
-    alone. glibc cannot report its settings, so a host application's own mallopt calls are reset to the defaults.
+    Only in a process that is ours (``own_this_process``): glibc cannot report its settings, so the defaults it
+    restores could undo a host application's own mallopt calls. Nested calls, non-glibc platforms and a user who
+    tuned glibc's heap (GLIBC_TUNABLES, MALLOC_*_) are left alone too.
     """
     libc = _glibc()
     tuned = "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "") or any(v in os.environ for v in _MALLOC_ENV)
-    if libc is None or tuned or _HEAP_REUSED.is_set():
+    if libc is None or tuned or _HEAP_REUSED.is_set() or not _PROCESS_OWNED.is_set():
         yield
         return
     _HEAP_REUSED.set()
@@ -1089,6 +1137,7 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+@_environment_as_found
 def convert_variant(model_dir: str | Path, spec: VariantSpec, output_dir: str | Path, *,
                     cache_dir: str | Path | None, trust_remote_code: bool = False,
                     on_stage: Callable[[str], None] | None = None, link: bool = True) -> ConversionResult:
@@ -1142,6 +1191,7 @@ def _new_job(model_dir, spec: VariantSpec, output_dir, cache_dir, trust_remote_c
     return _Job(spec, model_dir, final, dirs, trust_remote_code, link, stage, start)
 
 
+@_environment_as_found
 def convert_variants(model_dir: str | Path, specs: list[VariantSpec], output_dir: str | Path, *,
                      cache_dir: str | Path | None = None, trust_remote_code: bool = False,
                      progress: bool = True, link: bool = True) -> list[ConversionResult]:

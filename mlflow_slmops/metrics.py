@@ -43,6 +43,8 @@ SRC_DELTA_P_MEAN = "src_delta_p_mean"
 SRC_PPL_DELTA_PCT = "src_ppl_delta_pct"
 # The source model's own perplexity over the same chunks (the same on every variant run)
 SRC_PERPLEXITY = "src_perplexity"
+# On the sweep run: seconds of the conversion stage (every variant, cache look-ups included)
+CONVERSION_S = "conversion_s"
 # On the sweep run: seconds the source reference took to build (its first build, when reused)
 SOURCE_CHECK_S = "source_check_s"
 

@@ -884,13 +884,10 @@ def log_quality(result: QualityResult, log_params: bool = True) -> None:
     mlflow.log_table(pd.DataFrame(result.probe_rows), "edge_cases.json")
     mlflow.log_dict(result.to_dict(), "quality.json")
     if result.source is not None:
-        import matplotlib.pyplot as plt
-
         from mlflow_slmops import report
 
         fig = report.kl_histogram_figure(result.source["histogram"], "KL against the source model, per position")
         mlflow.log_figure(fig, "src_kl_histogram.png")
-        plt.close(fig)
 
 
 def log_quality_run(result: QualityResult) -> str:

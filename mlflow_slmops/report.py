@@ -29,6 +29,15 @@ FIGURE_SIZE = (6.4, 4.4)
 FIGURE_DPI = 110
 
 
+def _figure():
+    """A matplotlib Figure of the report's size, outside pyplot: no backend is chosen for the host process, no
+    global figure list holds it, and it is freed like any object once logged or saved."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=FIGURE_SIZE, dpi=FIGURE_DPI)
+    return fig, fig.subplots()
+
+
 def better(metric: str, a: float, b: float) -> bool:
     """True when a is strictly better than b for this metric."""
     return a > b if metric in M.HIGHER_IS_BETTER else a < b
@@ -56,12 +65,7 @@ def pareto_mask(df: pd.DataFrame, x: str, y: str) -> pd.Series:
 
 def pareto_figure(df: pd.DataFrame, x: str, y: str, title: str):
     """A scatter of variants on (x, y) with the non-dominated ones marked and joined."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=FIGURE_SIZE, dpi=FIGURE_DPI)
+    fig, ax = _figure()
     data = df.dropna(subset=[x, y])
     front = pareto_mask(data, x, y) if len(data) else pd.Series(dtype=bool)
     ax.scatter(data.loc[~front, x], data.loc[~front, y], color="#999999", label="dominated", zorder=2)
@@ -84,13 +88,8 @@ def pareto_figure(df: pd.DataFrame, x: str, y: str, title: str):
 
 def kl_histogram_figure(histogram: dict, title: str):
     """Per-position KL(P_source || P_variant) counts over log-spaced bins (``quality.kl_histogram``)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     edges, counts = histogram["edges"], histogram["counts"]
-    fig, ax = plt.subplots(figsize=FIGURE_SIZE, dpi=FIGURE_DPI)
+    fig, ax = _figure()
     ax.stairs(counts, edges, fill=True, color="#1f77b4", alpha=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("KL(P_source || P_variant) per position, nats (first bin: at or below it)")
@@ -119,12 +118,7 @@ def export_mismatch(df: pd.DataFrame, baseline: str = "fp32") -> str | None:
 
 def latency_curve_figure(curves: dict[str, dict[int, float]]):
     """Latency against prompt length, one line per variant."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=FIGURE_SIZE, dpi=FIGURE_DPI)
+    fig, ax = _figure()
     for name, curve in curves.items():
         if curve:
             lens = sorted(int(k) for k in curve)
@@ -203,8 +197,6 @@ def report_markdown(df: pd.DataFrame, sweep_run_id: str | None = None) -> str:
 
 def write_report(df: pd.DataFrame, out_dir: str | Path, sweep_run_id: str | None = None) -> dict[str, Path]:
     """Write variants.csv, the Pareto PNGs and report.md into out_dir; return their paths."""
-    import matplotlib.pyplot as plt
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"variants.csv": out_dir / "variants.csv", "report.md": out_dir / "report.md"}
@@ -214,7 +206,6 @@ def write_report(df: pd.DataFrame, out_dir: str | Path, sweep_run_id: str | None
         if x in measured and y in measured:
             fig = pareto_figure(measured, x, y, f"{x} vs {y}")
             fig.savefig(out_dir / fname)
-            plt.close(fig)
             paths[fname] = out_dir / fname
     paths["report.md"].write_text(report_markdown(df, sweep_run_id))
     return paths

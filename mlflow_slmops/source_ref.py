@@ -138,8 +138,10 @@ def build_reference(model_dir: str | Path, text_path: str | Path, config: Refere
     from mlflow_slmops import convert, quality
 
     text = quality.read_eval_text(text_path)
-    root = convert.check_cache_dir(cache_dir) / REFERENCES_DIRNAME
-    key = reference_key(convert.input_model_hash(model_dir, cache_dir), text, config)
+    cache_root = convert.check_cache_dir(cache_dir)
+    root = cache_root / REFERENCES_DIRNAME
+    # The cache root holds the per-file hash memo, so an unchanged multi-GB model is not read again.
+    key = reference_key(convert.input_model_hash(model_dir, cache_root), text, config)
     final = root / key
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root / f"{key}.lock")):

@@ -14,7 +14,6 @@ variants that are missing or failed.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import tempfile
 import time
@@ -27,11 +26,11 @@ import psutil
 
 from mlflow_slmops import metrics as M
 from mlflow_slmops import report, tracking
+from mlflow_slmops._files import write_json_atomic
+from mlflow_slmops.variants import DEFAULT_VARIANTS
 from mlflow_slmops.errors import SlmopsError
 
 BASELINE_VARIANT = "fp32"
-DEFAULT_VARIANTS = "fp32,int8,int4,int4-b128-asym"
-DEFAULT_OUTPUT = ".slmops/variants"
 REQUEST_ARTIFACT = "sweep_request.json"
 SPOOL_DIRNAME = ".spool"
 # Logging retries on top of MLflow's own HTTP retries: attempts and the first back-off.
@@ -48,7 +47,7 @@ class SweepRequest:
     model: str
     variants: str = DEFAULT_VARIANTS
     variants_file: str | None = None
-    output: str = DEFAULT_OUTPUT
+    output: str | None = None  # None: convert.default_output_dir(model)
     cache_dir: str | None = None
     text: str | None = None
     qa: str | None = None
@@ -147,10 +146,7 @@ class Spool:
         return self.root / f"{variant}.json"
 
     def write(self, variant: str, payload: dict) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.path(variant).with_suffix(".tmp")
-        tmp.write_text(json.dumps(payload, indent=2, default=str))
-        os.replace(tmp, self.path(variant))
+        write_json_atomic(self.path(variant), payload, default=str)
 
     def read(self, variant: str) -> dict | None:
         p = self.path(variant)
@@ -278,7 +274,6 @@ def _log_variant_run(spec, conv, size_metrics: dict, measured: dict | None, chil
 
 
 def _log_measurement_artifacts(measured: dict) -> None:
-    import matplotlib.pyplot as plt
     import mlflow
 
     for length, ms in sorted(measured["latency_curve"].items()):
@@ -291,12 +286,10 @@ def _log_measurement_artifacts(measured: dict) -> None:
         mlflow.log_table(_as_table(measured["probe_rows"]), "edge_cases.json")
     fig = report.latency_curve_figure({"this variant": measured["latency_curve"]})
     mlflow.log_figure(fig, "latency_by_prompt_len.png")
-    plt.close(fig)
     source = measured["quality"].get("source")
     if source:
         fig = report.kl_histogram_figure(source["histogram"], "KL against the source model, per position")
         mlflow.log_figure(fig, "src_kl_histogram.png")
-        plt.close(fig)
 
 
 def _as_table(rows: list[dict]) -> dict[str, list]:
@@ -346,7 +339,6 @@ def _table(outcomes: list[VariantOutcome]):
 
 
 def _log_sweep_artifacts(outcomes: list[VariantOutcome], parent_run_id: str, report_dir: Path):
-    import matplotlib.pyplot as plt
     import mlflow
 
     table = _table(outcomes)
@@ -358,12 +350,12 @@ def _log_sweep_artifacts(outcomes: list[VariantOutcome], parent_run_id: str, rep
     if curves:
         fig = report.latency_curve_figure(curves)
         mlflow.log_figure(fig, "latency_by_prompt_len.png")
-        plt.close(fig)
     return table
 
 
 def run_sweep(req: SweepRequest | None = None, *, resume_run_id: str | None = None,
-              progress: bool = True, echo: Callable[[str], None] = print) -> SweepResult:
+              progress: bool = True, echo: Callable[[str], None] = print,
+              experiment: str | None = None, warn: Callable[[str], None] | None = None) -> SweepResult:
     """Convert, measure and log every variant of req.model under one sweep run.
 
     Args:
@@ -372,6 +364,8 @@ def run_sweep(req: SweepRequest | None = None, *, resume_run_id: str | None = No
             spooled measurements are replayed, the rest are measured.
         progress: show progress bars.
         echo: where to print the log lines (the CLI passes click.echo).
+        experiment: the experiment to log into; None for MLFLOW_EXPERIMENT_NAME or the default one.
+        warn: where to print warnings (the CLI passes stderr); None for echo.
 
     Example:
         >>> run_sweep(SweepRequest(model="./my-finetuned-model", variants="fp32,int4"))  # doctest: +SKIP
@@ -380,14 +374,19 @@ def run_sweep(req: SweepRequest | None = None, *, resume_run_id: str | None = No
 
     from mlflow_slmops import convert
 
-    exp_id = tracking.configure()  # a dead tracking server is reported before any conversion work
+    warn = warn or echo
+    tracking.configure(experiment)  # a dead tracking server is reported before any conversion work
     client = mlflow.MlflowClient()
     if resume_run_id:
         req = _load_request(client, resume_run_id)
     if req is None:
         raise SlmopsError("no sweep to run", "pass --model, or --resume with a sweep run ID")
     specs = _resolve_specs(req)
-    _check_inputs(req)
+    note = _check_inputs(req)
+    if note:
+        warn(f"Warning: {note}")
+    if req.output is None:
+        req.output = convert.default_output_dir(req.model, req.cache_dir)
     existing = _existing_children(client, resume_run_id) if resume_run_id else {}
 
     start_kwargs = {"run_id": resume_run_id} if resume_run_id else {
@@ -435,11 +434,12 @@ def _guard_export(req: SweepRequest, table, outcomes: list[VariantOutcome], pare
     return mismatch
 
 
-def _check_inputs(req: SweepRequest) -> None:
-    """Bad input shared by every variant fails here, before a sweep run exists (no partial output)."""
-    from mlflow_slmops import convert, quality
+def _check_inputs(req: SweepRequest) -> str | None:
+    """Bad input shared by every variant fails here, before a sweep run exists (no partial output). Returns a
+    known divergence of this architecture's export to tell the user, if any."""
+    from mlflow_slmops import architectures, convert, quality
 
-    convert.check_hf_model_dir(req.model, trust_remote_code=req.trust_remote_code)
+    config = convert.check_hf_model_dir(req.model, trust_remote_code=req.trust_remote_code)
     convert.check_cache_dir(req.cache_dir)
     if not isinstance(req.source_check, bool):
         raise SlmopsError(f"source_check is {req.source_check!r}, expected true or false",
@@ -448,6 +448,7 @@ def _check_inputs(req: SweepRequest) -> None:
         quality.read_eval_text(req.text)
     if req.qa:
         quality.load_qa(req.qa)
+    return architectures.check_convertible(config)
 
 
 @contextmanager
@@ -470,31 +471,35 @@ def _parent_run(start_kwargs: dict) -> Iterator[Any]:
 
 
 def _sweep_variants(req, specs, existing, parent_id, progress, echo) -> list[VariantOutcome]:
+    """Every conversion first, through the pipeline `slmops convert` uses (cache, validation beside the next
+    build); then the source reference and the measurements, one at a time with nothing else running."""
+    import mlflow
+
     from mlflow_slmops import convert
     from mlflow_slmops.progress import sweep_progress
 
     spool = Spool(Path(req.output) / SPOOL_DIRNAME / parent_id)
     resume_hint = (f"run `slmops sweep --resume {parent_id}` when the tracking server is back "
                    f"(spool: {spool.root})")
+    started = time.perf_counter()
+    convs = convert.convert_variants(req.model, specs, req.output, cache_dir=req.cache_dir,
+                                     trust_remote_code=req.trust_remote_code, progress=progress)
+    conversion_s = time.perf_counter() - started
+    with_retry("the conversion time", lambda: mlflow.log_metric(M.CONVERSION_S, conversion_s), resume_hint)
+    for conv in convs:
+        echo(f"  {conv.spec.name}: {conv.status} -> {conv.output_dir or conv.error}")
+    baseline = next((c for c in convs if c.spec.name == BASELINE_VARIANT and c.status == "ok"), None)
+    baseline_dir, baseline_size = (baseline.output_dir, baseline.size_bytes) if baseline else (None, None)
     outcomes: list[VariantOutcome] = []
-    baseline_dir: str | None = None
-    baseline_size: int | None = None
     with sweep_progress(len(specs), enabled=progress) as bar:
         source_ref = _source_reference(req, parent_id, bar, echo) if req.source_check else None
-        for spec in specs:
-            bar.stage(spec.name, "convert")
-            conv = convert.convert_variant(req.model, spec, str(Path(req.output) / spec.name),
-                                           cache_dir=req.cache_dir, trust_remote_code=req.trust_remote_code)
-            if spec.name == BASELINE_VARIANT and conv.status == "ok":
-                baseline_dir, baseline_size = conv.output_dir, conv.size_bytes
-            echo(f"  {spec.name}: {conv.status} -> {conv.output_dir or conv.error}")
+        for spec, conv in zip(specs, convs):
             prior = existing.get(spec.name)
             if prior is not None and prior.data.tags.get(M.STATUS_TAG) == "ok":
                 outcomes.append(_outcome_from_run(prior, spec))
-                bar.advance()
-                continue
-            outcomes.append(_run_one(req, spec, conv, baseline_dir, baseline_size, spool,
-                                     prior.info.run_id if prior else None, resume_hint, bar, source_ref))
+            else:
+                outcomes.append(_run_one(req, spec, conv, baseline_dir, baseline_size, spool,
+                                         prior.info.run_id if prior else None, resume_hint, bar, source_ref))
             bar.advance()
     return outcomes
 

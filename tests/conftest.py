@@ -26,7 +26,7 @@ def models_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session", autouse=True)
 def _conversion_cache(models_root) -> None:
     """Conversions in tests and their subprocesses share one cache in the session folder, never ~/.cache."""
-    from mlflow_slmops.testing import TEST_CACHE_DIRNAME
+    from devkit.testing import TEST_CACHE_DIRNAME
 
     os.environ.setdefault("SLMOPS_CACHE_DIR", str(models_root / TEST_CACHE_DIRNAME))
 
@@ -34,7 +34,7 @@ def _conversion_cache(models_root) -> None:
 @pytest.fixture(scope="session")
 def hf_qwen(models_root) -> Path:
     """A 2-layer Qwen2 (ChatML) HF folder with random weights and a trained BPE tokenizer."""
-    from mlflow_slmops.toymodel import build_tiny_model
+    from devkit.toymodel import build_tiny_model
 
     return build_tiny_model(models_root / "hf-qwen2", "qwen2")
 
@@ -42,13 +42,13 @@ def hf_qwen(models_root) -> Path:
 @pytest.fixture(scope="session")
 def hf_llama(models_root) -> Path:
     """A 2-layer Llama (Llama-3 chat format) HF folder."""
-    from mlflow_slmops.toymodel import build_tiny_model
+    from devkit.toymodel import build_tiny_model
 
     return build_tiny_model(models_root / "hf-llama", "llama")
 
 
 def _convert(hf_dir: Path, out: Path, preset: str) -> Path:
-    from mlflow_slmops.testing import convert_for_tests
+    from devkit.testing import convert_for_tests
 
     return convert_for_tests(hf_dir, out, preset)
 
@@ -70,8 +70,8 @@ def genai_llama_fp32(hf_llama, models_root) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_hf(models_root) -> Path:
-    """The trained demo model (mlflow_slmops.demo): trained once per session, about 2 minutes on 2 cores."""
-    from mlflow_slmops.demo import build_demo_model
+    """The trained demo model (devkit.demo): trained once per session, about 2 minutes on 2 cores."""
+    from devkit.demo import build_demo_model
 
     return build_demo_model(models_root / "demo-cache", progress=False)
 

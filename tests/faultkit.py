@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from mlflow_slmops.testing import TEST_CACHE_DIRNAME
+from devkit.testing import TEST_CACHE_DIRNAME
 
 WAIT_S = 600  # a generous deadline for a subprocess to reach a point: never a timing assertion
 POLL_S = 0.2

@@ -14,7 +14,7 @@ import pytest
 from mlflow_slmops import architectures as A
 from mlflow_slmops import convert
 from mlflow_slmops.errors import SlmopsError
-from mlflow_slmops.testing import TEST_CACHE_DIRNAME
+from devkit.testing import TEST_CACHE_DIRNAME
 from mlflow_slmops.variants import resolve_variants
 from tests.helpers import assert_one_line_error, slmops
 
@@ -34,7 +34,7 @@ def fp32():
 @pytest.fixture(scope="session")
 def tiny_arch(models_root):
     """Builds (once per session) the HF folder of one TINY_SHAPES case; all share one trained tokenizer."""
-    from mlflow_slmops.toymodel import DEFAULT_CORPUS, build_tiny_architecture, train_tokenizer
+    from devkit.toymodel import DEFAULT_CORPUS, build_tiny_architecture, train_tokenizer
 
     tokenizer = train_tokenizer(DEFAULT_CORPUS * 4, VOCAB, "qwen2")
     built: dict[str, Path] = {}

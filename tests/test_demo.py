@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mlflow_slmops import demo, quality, toymodel
+from devkit import demo, toymodel
+from mlflow_slmops import quality
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "projects" / "quickstart"
@@ -53,7 +54,7 @@ def test_tokenizer_reloads_encode_training_text_like_the_trained_one(tmp_path):
     from transformers import AutoTokenizer
 
     from mlflow_slmops.flavor import GenaiModel
-    from mlflow_slmops.testing import convert_for_tests
+    from devkit.testing import convert_for_tests
 
     examples = demo.training_examples()
     tok = demo.train_demo_tokenizer(examples, demo.TrainConfig().vocab_size)
@@ -154,14 +155,14 @@ def test_slmops_demo_runs_the_whole_flow_and_foundry_local_answers(demo_hf, tmp_
 
     import mlflow
 
-    from mlflow_slmops import walkthrough
+    from devkit import walkthrough
     from mlflow_slmops.deployment.config import DEFAULT_PUBLISHER
-    from tests.helpers import slmops
+    from tests.helpers import bin_path, run_cli
 
     seeded = tmp_path / demo.DEFAULT_CACHE_DIR / demo_hf.name
     shutil.copytree(demo_hf, seeded, copy_function=os.link)
     env = {"MLFLOW_TRACKING_URI": "", "MLFLOW_EXPERIMENT_NAME": "", "MLFLOW_EXPERIMENT_ID": ""}
-    done = slmops("demo", "--quiet", env=env, cwd=str(tmp_path), timeout=1200)
+    done = run_cli([bin_path("slmops-demo"), "--quiet"], env=env, cwd=str(tmp_path), timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout
     assert "training demo model" not in out + done.stderr, "the seeded model must be reused"

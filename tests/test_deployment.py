@@ -29,7 +29,7 @@ from mlflow_slmops.deployment import cache as fcache
 from mlflow_slmops.deployment import config as fconfig
 from mlflow_slmops.deployment import prompt_template
 from mlflow_slmops.errors import SlmopsError
-from mlflow_slmops.toymodel import CHATML_TEMPLATE, LLAMA3_TEMPLATE
+from devkit.toymodel import CHATML_TEMPLATE, LLAMA3_TEMPLATE
 from tests.helpers import assert_one_line_error, bin_path, mlflow_cli, stop_process, tree_snapshot
 
 ROOT = Path(__file__).resolve().parents[1]

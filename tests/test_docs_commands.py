@@ -1,6 +1,6 @@
 """Every `slmops` and `mlflow` command in the README and docs/ parses: its command and option names exist.
 
-The flows themselves run elsewhere (test_demo runs `slmops demo`, test_remote_tracking sweep -> promote -> deploy,
+The flows themselves run elsewhere (test_demo runs `slmops-demo`, test_remote_tracking sweep -> promote -> deploy,
 test_deployment every `mlflow deployments` verb, test_fanout the scaling example). This test catches the drift
 those cannot: a renamed option or command that a page still shows. Each command is parsed by its real click CLI
 with `--help` appended: click rejects unknown commands and options while parsing, before `--help` is acted on.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 
 from mlflow_slmops import report
@@ -65,8 +67,6 @@ def test_a_faithful_export_is_not_flagged():
 
 
 def test_kl_histogram_figure_draws_the_per_position_counts(tmp_path):
-    import matplotlib.pyplot as plt
-
     from mlflow_slmops.quality import kl_histogram
 
     hist = kl_histogram([0.0, 1e-13, 1e-6, 1e-6, 2e-3, 5.0, 1e3])
@@ -75,5 +75,17 @@ def test_kl_histogram_figure_draws_the_per_position_counts(tmp_path):
     assert hist["counts"][-1] == 1  # values past the last edge are counted in the last bin
     fig = report.kl_histogram_figure(hist, "int4")
     fig.savefig(tmp_path / "h.png")
-    plt.close(fig)
     assert (tmp_path / "h.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_drawing_the_report_leaves_the_host_process_matplotlib_alone(tmp_path):
+    import subprocess
+    import sys
+
+    probe = ("import matplotlib; matplotlib.use('svg'); import pandas as pd; from mlflow_slmops import report; "
+             "from tests.test_report import ROWS; import matplotlib.pyplot as plt; "
+             f"report.write_report(pd.DataFrame(ROWS), {str(tmp_path)!r}); "
+             "print(matplotlib.get_backend(), len(plt.get_fignums()))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         cwd=str(Path(__file__).resolve().parents[1]))
+    assert out.stdout.split() == ["svg", "0"]  # the host's backend, and no figure left in pyplot's list

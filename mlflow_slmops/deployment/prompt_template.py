@@ -130,7 +130,7 @@ def derive(template: str, tokens: dict[str, str], where: str = "the model") -> d
         The PromptTemplate dict. ``system`` is None when the template drops system messages.
 
     Example:
-        >>> from mlflow_slmops.toymodel import CHATML_TEMPLATE
+        >>> from devkit.toymodel import CHATML_TEMPLATE
         >>> derive(CHATML_TEMPLATE, {})["prompt"]
         '<|im_start|>user\\n{Content}<|im_end|>\\n<|im_start|>assistant\\n'
     """

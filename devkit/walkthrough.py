@@ -1,4 +1,4 @@
-"""`make demo` / `slmops demo`: the whole product on the demo model, end to end, with embedded defaults.
+"""`make demo` / `slmops-demo`: the whole product on the demo model, end to end, with embedded defaults.
 
 train (or load cached) -> sweep -> promote -> `mlflow deployments create -t foundry-local` -> one question.
 """
@@ -13,6 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import click
+
+from mlflow_slmops.cli import SWEEP_TABLE_COLUMNS, friendly_errors
+from mlflow_slmops.cli import _print_table as print_table
 from mlflow_slmops.errors import SlmopsError
 from mlflow_slmops.variants import DEFAULT_VARIANTS
 
@@ -77,10 +81,10 @@ def ask(name: str, cache: Path, question: str) -> str:
 def run_demo(foundry_cache: Path = DEFAULT_FOUNDRY_CACHE, echo: Callable[[str], None] = print,
              progress: bool = True) -> DemoResult:
     """Run the whole flow on the demo model with embedded defaults; print what a newcomer needs to see."""
-    from mlflow_slmops import demo, promote, sweep
+    from devkit import demo
+    from mlflow_slmops import promote, sweep
 
     start = time.monotonic()
-    os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", DEMO_EXPERIMENT)
     echo("1/5 Demo model (trained once, then cached)")
     hf_dir = demo.build_demo_model(progress=progress)
     data = demo.write_demo_data(DEMO_DATA)
@@ -89,7 +93,8 @@ def run_demo(foundry_cache: Path = DEFAULT_FOUNDRY_CACHE, echo: Callable[[str], 
 
     echo(f"2/5 Sweep: {DEMO_VARIANTS}")
     result = sweep.run_sweep(sweep.SweepRequest(model=str(hf_dir), variants=DEMO_VARIANTS, output=str(DEMO_OUTPUT),
-                                                text=text, qa=qa, **DEMO_BENCH), progress=progress, echo=echo)
+                                                text=text, qa=qa, **DEMO_BENCH), progress=progress, echo=echo,
+                             experiment=os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEMO_EXPERIMENT)
 
     echo("3/5 Promote")
     constraints = promote.Constraints(DEMO_MAX_PPL_DELTA_PCT, DEMO_MIN_QA_ACCURACY, DEMO_OBJECTIVE)
@@ -106,3 +111,32 @@ def run_demo(foundry_cache: Path = DEFAULT_FOUNDRY_CACHE, echo: Callable[[str], 
     answer = ask(demo.DEMO_MODEL_NAME, foundry_cache, DEMO_QUESTION)
     return DemoResult(result.parent_run_id, champ.variant, reason, promoted.model_uri, answer,
                       time.monotonic() - start, result.table, [c.row() for c in promoted.candidates])
+
+
+@click.command("slmops-demo")
+@click.option("--foundry-cache", default=str(DEFAULT_FOUNDRY_CACHE), show_default=True,
+              help="Foundry Local model cache the demo deploys into (project-local by default).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@friendly_errors
+def main(foundry_cache: str, quiet: bool) -> None:
+    """Train the demo model, sweep, promote, deploy to Foundry Local and ask it a question."""
+    import pandas as pd
+
+    from mlflow_slmops import convert, tracking
+
+    convert.own_this_process()  # as the slmops CLI does: this process is ours
+    tracking.configure(DEMO_EXPERIMENT)
+    r = run_demo(Path(foundry_cache), echo=click.echo, progress=not quiet)
+    click.echo("\nVariants")
+    print_table(r.table, SWEEP_TABLE_COLUMNS)
+    click.echo("\nPromotion decision")
+    print_table(pd.DataFrame(r.decisions), ["variant", "accepted", "chosen", "reason"])
+    click.echo(f"\nChampion: {r.champion}, because it is the {r.reason}.")
+    click.echo(f"Registered: {r.model_uri}")
+    click.echo(f"\nQ: {DEMO_QUESTION}\nA (Foundry Local): {r.answer}")
+    click.echo(f"\nDone in {r.seconds:.0f} s. Compare the runs in the MLflow UI:")
+    click.echo(f"  .venv/bin/mlflow ui --backend-store-uri {tracking.tracking_uri()}")
+
+
+if __name__ == "__main__":
+    main()

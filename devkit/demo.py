@@ -9,7 +9,7 @@ Training and evaluation use different question wordings: ``projects/quickstart/q
 same facts in held-out phrasings, so QA accuracy measures what the model learned, not string recall.
 
 Example:
-    >>> from mlflow_slmops.demo import build_demo_model     # doctest: +SKIP
+    >>> from devkit.demo import build_demo_model     # doctest: +SKIP
     >>> hf_dir = build_demo_model()                          # doctest: +SKIP
 """
 
@@ -28,7 +28,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import Iterable
 
-from mlflow_slmops import toymodel
+from devkit import toymodel
 
 # Bump when the dataset or the training code changes in a way the hash of the examples cannot see.
 DEMO_FORMAT_VERSION = 1
