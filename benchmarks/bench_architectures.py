@@ -187,7 +187,9 @@ def _fixes_section() -> list[str]:
         "Each fix wraps one method of one builder class while `slmops` runs Olive (`architectures.builder_fixes()`), "
         "and is named in the variant's `olive_config.json` (`extra_options.slmops_builder_fixes` of the "
         "ModelBuilder pass; the builder ignores it, Olive's cache keys on it). Stock `olive run` on that file "
-        "rebuilds the builder's own export: see *Builder alone* above.",
+        "rebuilds the builder's own export: see *Builder alone* above. The fixes apply only to the builder they "
+        f"were written and checked against (onnxruntime-genai {A.VERIFIED_BUILDER_VERSION}, "
+        "`architectures.VERIFIED_BUILDER_VERSION`); with any other the builder runs as it is.",
         "",
         "| Fix | Architectures | What the builder does wrong | Upstream |",
         "|---|---|---|---|",

@@ -33,6 +33,8 @@ REFUSE = "refuse"
 FLAG = "flag"
 # The ModelBuilder extra option that names the fixes a variant was built with (the builder ignores it).
 FIXES_OPTION = "slmops_builder_fixes"
+# The builder the fixes wrap methods of, checked against PyTorch (docs/architectures.md); on another, none apply.
+VERIFIED_BUILDER_VERSION = "0.14.1"
 # A fp32 export matches PyTorch when, over the compared tokens, no logit differs by more than this and the
 # top-1 token agrees at least this often. Measured exports that match differ by 1e-6 or less.
 MATCH_MAX_ABS_DIFF = 1e-4
@@ -292,8 +294,21 @@ BUILDER_FIXES: tuple[BuilderFix, ...] = (
 )
 
 
+def builder_verified() -> bool:
+    """Whether the installed onnxruntime-genai is the builder the fixes were written and checked against."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("onnxruntime-genai") == VERIFIED_BUILDER_VERSION
+    except PackageNotFoundError:
+        return False
+
+
 def fixes_for(config: dict) -> list[str]:
-    """The names of the fixes the conversion applies to this config.json's architecture, in table order."""
+    """The names of the fixes the conversion applies to this config.json's architecture, in table order (none on
+    a builder other than ``VERIFIED_BUILDER_VERSION``: there the builder runs as it is)."""
+    if not builder_verified():
+        return []
     archs = config.get("architectures")
     arch = archs[0] if isinstance(archs, list) and archs else None
     return [f.name for f in BUILDER_FIXES if arch in f.architectures and f.applies(config)]
@@ -304,11 +319,15 @@ def builder_fixes() -> Iterator[None]:
     """Apply every ``BUILDER_FIXES`` entry to the installed builder for the block; each is undone on exit.
 
     Olive's ModelBuilder pass runs the builder in this process, so the fixes hold for the workflows run inside.
-    A fix whose class or method the installed builder lacks is skipped.
+    A fix whose class or method the installed builder lacks is skipped, and on a builder other than
+    ``VERIFIED_BUILDER_VERSION`` none is applied.
     """
     from onnxruntime_genai.models import builder
 
     with contextlib.ExitStack() as stack:
+        if not builder_verified():
+            yield
+            return
         for fix in BUILDER_FIXES:
             cls = getattr(builder, fix.builder_class, None)
             original = cls.__dict__.get(fix.method) if cls is not None else None

@@ -171,3 +171,20 @@ def test_builder_fixes_are_undone_outside_the_conversion():
     with A.builder_fixes():
         assert all(method is not before[name] for name, method in methods().items())
     assert methods() == before
+
+
+def test_builder_fixes_apply_only_to_the_builder_they_were_checked_against(monkeypatch):
+    from onnxruntime_genai.models import builder
+
+    olmo = {"architectures": ["OlmoForCausalLM"]}
+    assert A.fixes_for(olmo) == ["olmo-layernorm"]
+    present = [(getattr(builder, f.builder_class), f.method) for f in A.BUILDER_FIXES
+               if f.method in getattr(getattr(builder, f.builder_class, None), "__dict__", {})]
+    stock = {(cls, method): cls.__dict__[method] for cls, method in present}
+    with A.builder_fixes():  # on the verified builder they are in place
+        assert any(cls.__dict__[method] is not stock[cls, method] for cls, method in present)
+    monkeypatch.setattr(A, "VERIFIED_BUILDER_VERSION", "0.13.0")
+    assert A.fixes_for(olmo) == []
+    with A.builder_fixes():  # on any other, the builder runs as it is
+        assert all(cls.__dict__[method] is stock[cls, method] for cls, method in present)
+    assert all(cls.__dict__[method] is stock[cls, method] for cls, method in present)
