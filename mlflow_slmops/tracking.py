@@ -57,9 +57,16 @@ def configure(experiment: str | None = None) -> str:
 
 
 def _tag_experiment(client, exp_id: str) -> None:
+    from mlflow.exceptions import MlflowException
+
     exp = client.get_experiment(exp_id)
     if exp.tags.get(EXPERIMENT_KIND_TAG[0]) is None:
-        client.set_experiment_tag(exp_id, *EXPERIMENT_KIND_TAG)
+        try:
+            client.set_experiment_tag(exp_id, *EXPERIMENT_KIND_TAG)
+        except MlflowException:
+            # Two sweeps starting at once into one new experiment: the other one's tag won the insert.
+            if client.get_experiment(exp_id).tags.get(EXPERIMENT_KIND_TAG[0]) is None:
+                raise
 
 
 def check_reachable(uri: str) -> None:
