@@ -7,7 +7,11 @@ does not pay for the writeback of the run before it. Peak RSS two ways: wait4's
 50 ms; the memory goal uses the tree's, since the sweep validates one variant while it builds the next:
 
 - **sweep**: `convert_variants(fp32,int8,int4,int4-b128-asym)`, one process, in-process Olive workflows
-  sharing one Olive cache, each variant validated (loads, generates);
+  sharing one Olive cache, each variant validated (loads, generates). This is `slmops convert`, and the
+  conversion stage of `slmops sweep`, which converts every variant through it before measuring any;
+- **slmops sweep, conversion stage**: the real `slmops sweep` CLI on the same four (tiny measurement settings,
+  `--no-source-check`), timed by the sweep run's own `conversion_s` metric: the conversion stage apart from
+  the measurements (the row's wall time includes both);
 - **sweep, no overlap**: the same four through `convert_variant` one after another, each validated before
   the next build starts (what the sweep did before it overlapped validation with the next build);
 - **sweep, stock Olive code**: the sweep with `SLMOPS_OLIVE_SPEEDUPS=0`, so Olive runs unpatched (the same
@@ -59,6 +63,8 @@ OUT = ROOT / "benchmarks" / "out"
 BIN = Path(sys.executable).parent
 SWEEP_VARIANTS = ["fp32", "int8", "int4", "int4-b128-asym"]
 STANDALONE = ["fp32", "int4", "int4-b128-asym"]
+# The real sweep's measurements, kept small: its conversion stage is timed apart (conversion_s).
+REAL_SWEEP_MEASURE = ["--prompt-len", "16", "--gen-len", "4", "--repeats", "1", "--no-source-check"]
 TARGET_SPEED_RATIO = 0.6
 TARGET_CACHED_RATIO = 0.05
 TARGET_RSS_RATIO = 1.2
@@ -72,7 +78,9 @@ SWEEP_CODE = """
 import json, sys
 from pathlib import Path
 from mlflow_slmops.convert import convert_variant, convert_variants
+from mlflow_slmops import convert
 from mlflow_slmops.variants import resolve_variants
+convert.own_this_process()  # as the slmops CLI does
 model, variants, out, cache, result_path, mode, left_out = sys.argv[1:8]
 if left_out:  # --ablate: this sweep runs without one of the Olive speed-ups
     from mlflow_slmops import olive_speedups
@@ -136,6 +144,22 @@ def our_convert(model: Path, variants: list[str], out: Path, cache: Path, name: 
                          str(result_path), mode, left_out], env=env)
     row["variants"] = {r["spec"]["name"]: {"convert_s": r["convert_s"], "size_mb": r["size_bytes"] / 2**20,
                                            "cached": r["cached"]} for r in json.loads(result_path.read_text())}
+    return row
+
+
+def real_sweep(model: Path, out: Path, cache: Path, name: str) -> dict:
+    """The real `slmops sweep` CLI; its conversion stage is the sweep run's own conversion_s metric."""
+    store = out.parent / f"{out.name}.db"
+    row = measure(name, [str(BIN / "slmops"), "sweep", "--model", str(model), "--variants", ",".join(SWEEP_VARIANTS),
+                         "--output", str(out), "--cache-dir", str(cache), *REAL_SWEEP_MEASURE, "--quiet"],
+                  cwd=out.parent, env={"MLFLOW_TRACKING_URI": f"sqlite:///{store}"})
+    code = ("import json, sys, mlflow; c = mlflow.MlflowClient(); "
+            "runs = c.search_runs([e.experiment_id for e in c.search_experiments()]); "
+            "print(json.dumps([r.data.metrics['conversion_s'] for r in runs if 'conversion_s' in r.data.metrics]))")
+    got = subprocess.run([sys.executable, "-c", code], env={**ENV, "MLFLOW_TRACKING_URI": f"sqlite:///{store}"},
+                         capture_output=True, text=True, check=True)
+    (row["conversion_s"],) = json.loads(got.stdout.strip().splitlines()[-1])
+    print(f"{'':<28} conversion stage {row['conversion_s']:.1f} s", flush=True)
     return row
 
 
@@ -218,7 +242,11 @@ def measure_round(model: Path, work: Path, ablate: bool) -> dict[str, dict]:
     rows["sweep_trimmed"] = our_convert(model, SWEEP_VARIANTS, work / "sweep-trimmed", work / "cache-trimmed",
                                         "sweep, heap trimmed", env={"MALLOC_TRIM_THRESHOLD_": str(128 * 1024)})
     drop(work / "sweep-trimmed", work / "cache-trimmed")
-    rows["sweep"] = our_convert(model, SWEEP_VARIANTS, work / "sweep", work / "cache-sweep", "sweep (4 variants)")
+    rows["real_sweep"] = real_sweep(model, work / "real-sweep", work / "cache-real-sweep",
+                                    "slmops sweep (4 variants)")
+    drop(work / "real-sweep", work / "cache-real-sweep")
+    rows["sweep"] = our_convert(model, SWEEP_VARIANTS, work / "sweep", work / "cache-sweep",
+                                "sweep: convert_variants (4 variants)")
     rows["sweep_cached"] = our_convert(model, SWEEP_VARIANTS, work / "sweep-again", work / "cache-sweep",
                                        "sweep, cached")
     drop(work / "sweep", work / "sweep-again", work / "cache-sweep")
@@ -238,6 +266,9 @@ def _combine(runs: list[dict]) -> dict:
     row["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
     row["peak_tree_rss_mb"] = max(r["peak_tree_rss_mb"] for r in runs)
     row["load_after"] = runs[-1]["load_after"]
+    if "conversion_s" in row:
+        row["conversion_s_each"] = [r["conversion_s"] for r in runs]
+        row["conversion_s"] = statistics.median(row["conversion_s_each"])
     return row
 
 
@@ -250,6 +281,8 @@ def summarize(rounds: list[dict[str, dict]]) -> dict:
     sweep, cached = rows["sweep"], rows["sweep_cached"]
     ratios = {
         "sweep_vs_olive_sum": sweep["seconds"] / olive_sum,
+        "real_sweep_conversion_vs_olive_sum": rows["real_sweep"]["conversion_s"] / olive_sum,
+        "real_sweep_conversion_vs_sweep": rows["real_sweep"]["conversion_s"] / sweep["seconds"],
         "sweep_vs_no_overlap": sweep["seconds"] / rows["sweep_serial"]["seconds"],
         "sweep_vs_stock_olive_code": sweep["seconds"] / rows["sweep_stock"]["seconds"],
         "sweep_vs_builder_sum": sweep["seconds"] / builder_sum,
@@ -298,6 +331,12 @@ def markdown(res: dict) -> str:
         f"| sweep / (olive fp32 + int4 + int4-b128-asym) = {rows['sweep']['seconds']:.0f} / "
         f"{res['olive_sum_s']:.0f} s | {r['sweep_vs_olive_sum']:.2f} | ≤ {TARGET_SPEED_RATIO} | "
         f"{'yes' if res['goals_met']['speed'] else 'no'} |",
+        f"| slmops sweep's conversion stage (`conversion_s`) / (the same three Olive runs) = "
+        f"{rows['real_sweep']['conversion_s']:.0f} / {res['olive_sum_s']:.0f} s | "
+        f"{r['real_sweep_conversion_vs_olive_sum']:.2f} | ≤ {TARGET_SPEED_RATIO} | - |",
+        f"| slmops sweep's conversion stage / sweep (convert_variants alone) = "
+        f"{rows['real_sweep']['conversion_s']:.0f} / {rows['sweep']['seconds']:.0f} s | "
+        f"{r['real_sweep_conversion_vs_sweep']:.2f} | - | - |",
         f"| sweep / sweep without overlap = {rows['sweep']['seconds']:.0f} / {rows['sweep_serial']['seconds']:.0f} s | "
         f"{r['sweep_vs_no_overlap']:.2f} | - | - |",
         f"| sweep / sweep on stock Olive code = {rows['sweep']['seconds']:.0f} / "
