@@ -27,7 +27,6 @@ disk never leaves a partial variant folder.
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import gc
 import glob
@@ -50,6 +49,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from mlflow_slmops import architectures, errors, modeldir, olive_speedups
+from mlflow_slmops._files import link_or_copy, write_json_atomic
 from mlflow_slmops.variants import VariantSpec
 
 logger = logging.getLogger(__name__)
@@ -326,7 +326,7 @@ def input_model_hash(model_dir: str | Path, cache_dir: str | Path | None = None,
         digest.update(str(path.relative_to(model_dir)).encode() + b"\0" + file_hash.encode())
     if memo_path and changed:
         with contextlib.suppress(OSError):  # the memo only saves time
-            _write_json_atomic(memo_path, memo)
+            write_json_atomic(memo_path, memo)
     return digest.hexdigest()
 
 
@@ -403,16 +403,6 @@ def entry_key(input_hash: str, spec: VariantSpec, trust_remote_code: bool = Fals
     body = {"input": input_hash, "spec": spec_body, "versions": tool_versions(), "recipe": RECIPE_VERSION,
             "trust_remote_code": trust_remote_code}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- Olive configs
@@ -567,7 +557,7 @@ def _finish_copies(deferred: list[tuple[Path, Path]], link: bool) -> None:
     copied; a quantized variant's final model is read by no pass of any recipe, so it is linked (no bytes
     written: 0.3 to 0.7 GB per variant of a 0.5B model).
     """
-    copy = (lambda src, dst: _link_or_copy(Path(src), Path(dst))) if link else shutil.copy2
+    copy = (lambda src, dst: link_or_copy(Path(src), Path(dst))) if link else shutil.copy2
     for src, dst in deferred:
         shutil.copytree(src, dst, dirs_exist_ok=True, copy_function=copy)
 
@@ -1033,19 +1023,6 @@ def _entry_files(entry: Path) -> list[Path]:
     return [p for p in sorted(entry.rglob("*")) if p.is_file() and p.name != ENTRY_MANIFEST]
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """Hardlink from the cache (no extra disk, no copy time); copy across file systems."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if dst.is_symlink() or dst.exists():
-        dst.unlink()  # never write through an existing (possibly linked) file
-    try:
-        os.link(src, dst)
-    except OSError as exc:
-        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
-            raise
-        shutil.copy2(src, dst)
-
-
 def _same_model(entry: Path, existing: Path, weights_sha256: str) -> bool:
     """Whether an existing output folder already holds exactly this cache entry."""
     files = _entry_files(entry)
@@ -1069,7 +1046,7 @@ def _publish(entry: Path, final: Path, olive_cfg: dict, link: bool) -> None:
         tmp.mkdir()
         for src in _entry_files(entry):
             if link:
-                _link_or_copy(src, tmp / src.relative_to(entry))
+                link_or_copy(src, tmp / src.relative_to(entry))
             else:
                 shutil.copy2(src, tmp / src.relative_to(entry))
         (tmp / OLIVE_CONFIG_FILE).write_text(json.dumps(olive_cfg, indent=2) + "\n", encoding="utf-8")
