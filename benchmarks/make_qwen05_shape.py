@@ -7,11 +7,15 @@ rows of the embedding are never looked up). Only conversion and speed are measur
 quality, so random weights are fine.
 
 Run:  .venv/bin/python benchmarks/make_qwen05_shape.py [--out benchmarks/out/qwen05-shape] [--force]
+
+`build_shape` builds any Qwen2 shape the same way, optionally as sharded safetensors (benchmarks/bench_large_sweep.py
+uses it for a Qwen2.5-1.5B shape).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -27,40 +31,70 @@ EXPECTED_PARAMS_M = 494
 
 def build(out: Path = DEFAULT_OUT, force: bool = False) -> Path:
     """Build the folder once; reuse it when it already holds a complete model."""
+    return build_shape(out, QWEN05_SHAPE, force=force)
+
+
+def build_shape(out: Path, shape: dict, *, force: bool = False, max_shard_size: str | None = None) -> Path:
+    """A Qwen2.5-style folder of this shape (keys as QWEN05_SHAPE), random bf16 weights; reused when complete.
+
+    Args:
+        max_shard_size: save sharded safetensors of at most this size ("1GB"); None writes one model.safetensors.
+    """
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
-    from mlflow_slmops.toymodel import ARCHS, DEFAULT_CORPUS, build_config, build_tiny_model, train_tokenizer
+    from devkit.toymodel import (ARCHS, DEFAULT_CORPUS, build_config, build_tiny_model, save_tokenizer,
+                                 train_tokenizer)
 
-    if (out / "model.safetensors").is_file() and (out / "config.json").is_file() and not force:
+    if _weights_complete(out) and (out / "config.json").is_file() and not force:
         return out
     shutil.rmtree(out, ignore_errors=True)
     tok = train_tokenizer(DEFAULT_CORPUS * 4, TOKENIZER_VOCAB, "qwen2")
     spec = ARCHS["qwen2"]
-    s = QWEN05_SHAPE
+    s = shape
+    bos_id, eos_id = tok.token_to_id(spec.bos), tok.token_to_id(spec.eos)
     config = build_config("qwen2", s["vocab_size"], s["hidden"], s["layers"], s["heads"], s["kv_heads"],
-                          s["intermediate"], s["max_positions"], tok.token_to_id(spec.bos), tok.token_to_id(spec.eos))
+                          s["intermediate"], s["max_positions"], bos_id, eos_id)
     config.rope_theta = QWEN25_ROPE_THETA
     if isinstance(getattr(config, "rope_parameters", None), dict):  # transformers 5 reads it from here
         config.rope_parameters["rope_theta"] = QWEN25_ROPE_THETA
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)  # the released checkpoint is bf16
+    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)  # the released checkpoints are bf16
     model.config.torch_dtype = "bfloat16"
-    build_tiny_model(out, "qwen2", tokenizer=tok, model=model, max_positions=s["max_positions"])
+    if max_shard_size is None:
+        build_tiny_model(out, "qwen2", tokenizer=tok, model=model, max_positions=s["max_positions"])
+        return out
+    # build_tiny_model saves one shard; the same three files, with the weights sharded as the Hub's are.
+    out.mkdir(parents=True)
+    save_tokenizer(tok, out, "qwen2", model_max_length=s["max_positions"])
+    model.save_pretrained(str(out), max_shard_size=max_shard_size)
+    GenerationConfig(bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=eos_id).save_pretrained(str(out))
     return out
+
+
+def _weights_complete(out: Path) -> bool:
+    """One model.safetensors, or an index whose every shard is on disk."""
+    if (out / "model.safetensors").is_file():
+        return True
+    index = out / "model.safetensors.index.json"
+    if not index.is_file():
+        return False
+    shards = set(json.loads(index.read_text())["weight_map"].values())
+    return all((out / name).is_file() for name in shards)
 
 
 def param_count_m(out: Path) -> float:
     from safetensors import safe_open
 
     total = 0
-    with safe_open(str(out / "model.safetensors"), "pt") as f:
-        for key in f.keys():
-            shape = f.get_slice(key).get_shape()
-            n = 1
-            for d in shape:
-                n *= d
-            total += n
+    for shard in sorted(out.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            for key in f.keys():
+                shape = f.get_slice(key).get_shape()
+                n = 1
+                for d in shape:
+                    n *= d
+                total += n
     return total / 1e6
 
 
