@@ -22,7 +22,6 @@ import argparse
 import hashlib
 import json
 import os
-import resource
 import shutil
 import sys
 import time
@@ -47,8 +46,6 @@ _SAFETENSORS_LEN_BYTES = 8
 _SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
 _CONFIG_DTYPE_KEYS = ("dtype", "torch_dtype")
 DEFAULT_TIMEOUT_S = 6 * 3600
-# getrusage reports the peak resident set in KiB on Linux.
-KIB_PER_MIB = 1024
 
 
 @dataclass
@@ -211,6 +208,8 @@ def write_reference(model_dir: str | Path, text_path: str | Path, config: Refere
     import numpy as np
 
     from mlflow_slmops import quality
+    # VmHWM, not ru_maxrss: a worker started by vfork+exec inherits its parent's ru_maxrss on Linux.
+    from mlflow_slmops.benchmark import peak_rss_bytes
 
     start = time.perf_counter()
     text = quality.read_eval_text(text_path)
@@ -232,7 +231,7 @@ def write_reference(model_dir: str | Path, text_path: str | Path, config: Refere
             "parameters": sum(p.numel() for p in model.parameters()), "vocab_size": vocab,
             "chunks": len(chunks), "chunk_tokens": len(chunks[0]), "load_s": loaded - start,
             "seconds": time.perf_counter() - start,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / KIB_PER_MIB,
+            "peak_rss_mb": peak_rss_bytes() / 2**20,
             "version": REFERENCE_VERSION}
     (out / META_FILE).write_text(json.dumps(meta, indent=2))  # last: the folder is complete
     return meta

@@ -122,6 +122,7 @@ def test_the_reference_is_one_float32_file_per_chunk_built_once(hf_qwen, qwen_re
     meta = qwen_ref.meta
     assert meta["chunks"] == len(qwen_ref.chunks) == FEW.max_chunks
     assert meta["source_dtype"] == "float32" and meta["compute_dtype"] == "float32"
+    assert 0 < meta["peak_rss_mb"] < 4096  # the worker's own peak, not the peak of the process that started it
     for i, chunk in enumerate(qwen_ref.chunks):
         logits = qwen_ref.logits(i)
         assert logits.dtype == np.float32 and logits.shape == (len(chunk), meta["vocab_size"])
