@@ -521,11 +521,14 @@ def _source_reference(req: SweepRequest, parent_id: str, bar, echo: Callable[[st
     meta = ref.meta
     echo(f"  source model: {meta['architecture']} ({meta['source_dtype']}, computed in fp32), "
          f"{meta['chunks']} chunks of {meta['chunk_tokens']} tokens -> {ref.path}")
-    with_retry("the source reference", lambda: (
+
+    def log_reference() -> None:
         mlflow.log_params({"source_dtype": meta["source_dtype"], "source_parameters": str(meta["parameters"]),
-                           "source_ref": str(ref.path)}),
-        mlflow.log_metrics({M.SOURCE_CHECK_S: meta["seconds"]})),
-        f"run `slmops sweep --resume {parent_id}` when the tracking server is back")
+                           "source_ref": str(ref.path)})
+        mlflow.log_metric(M.SOURCE_CHECK_S, meta["seconds"])
+
+    with_retry("the source reference", log_reference,
+               f"run `slmops sweep --resume {parent_id}` when the tracking server is back")
     return str(ref.path)
 
 
