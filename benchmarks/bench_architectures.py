@@ -29,7 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mlflow_slmops import architectures as A  # noqa: E402
+from mlflow_slmops.convert import architectures as A  # noqa: E402
 
 WORK = ROOT / "benchmarks" / "out" / "architectures"
 DOC = ROOT / "docs" / "architectures.md"
@@ -56,7 +56,7 @@ def pytorch_logits(hf_dir: Path, ids: list[int]) -> np.ndarray:
 def genai_logits(folder: Path, ids: list[int]) -> np.ndarray:
     import onnxruntime_genai as og
 
-    from mlflow_slmops.quality import chunk_logits
+    from mlflow_slmops.measure.quality import chunk_logits
 
     return chunk_logits(og.Model(str(folder)), ids)
 
@@ -155,7 +155,7 @@ def markdown(rows: list[dict], info: dict, args) -> str:
         "",
         "Every decoder architecture the onnxruntime-genai 0.14.1 model builder lists, built as a small "
         "random-weight model, converted to fp32 by `slmops` and compared with the Hugging Face model in PyTorch "
-        "on the same tokens. The per-architecture knowledge behind this page is `mlflow_slmops/architectures.py`; "
+        "on the same tokens. The per-architecture knowledge behind this page is `mlflow_slmops/convert/architectures.py`; "
         "`tests/test_architectures.py` checks the same matrix on every `make test` (with a 1024-token vocabulary).",
         "",
         f"Each model has {A.TINY_BASE['num_hidden_layers']} layers (more where noted), hidden size 64 to 160 and a "

@@ -15,7 +15,7 @@ does not pay for the writeback of the run before it. Peak RSS two ways: wait4's
 - **sweep, no overlap**: the same four through `convert_variant` one after another, each validated before
   the next build starts (what the sweep did before it overlapped validation with the next build);
 - **sweep, stock Olive code**: the sweep with `SLMOPS_OLIVE_SPEEDUPS=0`, so Olive runs unpatched (the same
-  weights, bit for bit; see mlflow_slmops/olive_speedups.py);
+  weights, bit for bit; see mlflow_slmops/convert/olive/speedups.py);
 - **sweep, heap trimmed**: the sweep with `MALLOC_TRIM_THRESHOLD_` at glibc's default, so the converter leaves
   glibc's heap policy alone and trims after each variant (what it did before it kept the freed heap for reuse);
 - **sweep, cached**: the same sweep again with the same cache into a new output folder;
@@ -29,7 +29,7 @@ does not pay for the writeback of the run before it. Peak RSS two ways: wait4's
 Goals (issue 3): sweep <= 0.6 x the three standalone Olive runs; cached sweep < 5% of the first sweep;
 sweep peak tree RSS <= 1.2 x the largest single conversion's.
 
-With --ablate, the sweep also runs once without each of the Olive speed-ups in turn (olive_speedups.PATCHES).
+With --ablate, the sweep also runs once without each of the Olive speed-ups in turn (convert/olive/speedups.py PATCHES).
 
 With --repeat N, every run is made N times (rounds, interleaved); the tables give the median time of each.
 
@@ -55,8 +55,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_qwen05_shape  # noqa: E402
-from mlflow_slmops.olive_speedups import PATCHES, SPEEDUPS_ENV  # noqa: E402
 from bench_load import tree_rss  # noqa: E402
+
+from mlflow_slmops.convert.olive.speedups import PATCHES, SPEEDUPS_ENV  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "out"
@@ -83,7 +84,7 @@ from mlflow_slmops.variants import resolve_variants
 convert.own_this_process()  # as the slmops CLI does
 model, variants, out, cache, result_path, mode, left_out = sys.argv[1:8]
 if left_out:  # --ablate: this sweep runs without one of the Olive speed-ups
-    from mlflow_slmops import olive_speedups
+    from mlflow_slmops.convert.olive import speedups as olive_speedups
     del olive_speedups.PATCHES[left_out]
 if mode == "overlap":
     results = convert_variants(model, resolve_variants(variants), out, cache_dir=cache, progress=False)

@@ -44,8 +44,8 @@ def train(cache: Path) -> dict:
 
 
 def score(hf: Path, work: Path) -> dict:
-    from mlflow_slmops import quality
     from devkit.testing import convert_for_tests
+    from mlflow_slmops.measure import quality
 
     dirs = {p: convert_for_tests(hf, work / p, p) for p in PRECISIONS}
     out, answers = {}, {}

@@ -46,7 +46,7 @@ def build_genai(work: Path) -> Path:
 
 def padded_copy(genai: Path, dst: Path, size_bytes: int) -> Path:
     """The genai folder with its external-data file grown to size_bytes (random bytes past the real data)."""
-    from mlflow_slmops import modeldir
+    from mlflow_slmops.genai import modeldir
 
     shutil.copytree(genai, dst)
     data = next(f for f in modeldir.check_genai_dir(dst).onnx_files if f.endswith(".data"))
@@ -85,9 +85,8 @@ def time_copy(src: Path, dst: Path) -> float:
 
 
 def measure(sizes_gb: list[float], repeats: int, work: Path) -> list[dict]:
-    from mlflow.deployments import get_deploy_client
-
     import mlflow
+    from mlflow.deployments import get_deploy_client
 
     mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
     os.environ["MLFLOW_TRACKING_URI"] = mlflow.get_tracking_uri()

@@ -81,7 +81,7 @@ def streamed_bytes(model_dir: str) -> tuple[int, int]:
     (the embedding table: one row per token)."""
     import onnx
 
-    from mlflow_slmops import modeldir
+    from mlflow_slmops.genai import modeldir
 
     total = modeldir.onnx_weight_bytes(model_dir)
     cfg = modeldir.read_genai_config(model_dir)
@@ -100,7 +100,7 @@ def streamed_bytes(model_dir: str) -> tuple[int, int]:
 def _initializer_bytes(init) -> int:
     import onnx
 
-    from mlflow_slmops.modeldir import tensor_bytes
+    from mlflow_slmops.genai.modeldir import tensor_bytes
 
     if init.data_location == onnx.TensorProto.EXTERNAL:
         return int({e.key: e.value for e in init.external_data}.get("length", 0))
@@ -147,7 +147,7 @@ def bare_forward(model, chunks: list[list[int]]) -> float:
 def measure_variant(name: str, folder: str, args, bandwidth: float) -> dict:
     import onnxruntime_genai as og
 
-    from mlflow_slmops import benchmark
+    from mlflow_slmops.measure import benchmark
 
     model = og.Model(folder)
     tok = og.Tokenizer(model)
@@ -162,7 +162,7 @@ def measure_variant(name: str, folder: str, args, bandwidth: float) -> dict:
 
 def _speed(name: str, folder: str, model, ids: list[int], args) -> dict:
     """Bare loop (this process) and run_benchmark (fresh subprocess), alternating round by round."""
-    from mlflow_slmops import benchmark
+    from mlflow_slmops.measure import benchmark
 
     cfg = benchmark.BenchmarkConfig(prompt_len=args.prompt_len, gen_len=args.gen_len, warmup=args.warmup,
                                     repeats=args.repeats, prompt_lens=(args.prompt_len,),
@@ -197,7 +197,7 @@ def _speed(name: str, folder: str, model, ids: list[int], args) -> dict:
 def _alternating(model, ids: list[int], args) -> dict:
     """Our timed generation (benchmark._generate) and the bare loop, alternating generation by generation in
     this process: isolates the harness from load drift, which the subprocess comparison cannot."""
-    from mlflow_slmops import benchmark
+    from mlflow_slmops.measure import benchmark
 
     bare_loop(model, ids, args.gen_len, args.warmup, 0)
     bare, ours = [], []
@@ -212,8 +212,8 @@ def _alternating(model, ids: list[int], args) -> dict:
 
 def _ppl_throughput(model, tok, args) -> dict:
     """Bare forward passes against quality.score_text, alternating chunk by chunk so load drift hits both."""
-    from mlflow_slmops import quality
     from mlflow_slmops import data as packaged_data
+    from mlflow_slmops.measure import quality
 
     text = packaged_data.path(packaged_data.EVAL_TEXT).read_text()
     chunks = quality.text_chunks([int(t) for t in tok.encode(text)], args.chunk_tokens, args.ppl_chunks, "eval")

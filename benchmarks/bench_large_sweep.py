@@ -36,9 +36,9 @@ from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
+import make_qwen05_shape
 import psutil
 
-import make_qwen05_shape
 from mlflow_slmops import metrics as M
 from mlflow_slmops.variants import DEFAULT_VARIANTS
 

@@ -50,8 +50,9 @@ def make_many_runs(genai_dir: str | Path, n: int = 200) -> tuple[str, str]:
     import mlflow
     from mlflow.entities import Metric
 
-    from mlflow_slmops import flavor, tracking
+    from mlflow_slmops import flavor
     from mlflow_slmops import metrics as M
+    from mlflow_slmops.track import tracking
 
     exp_id = tracking.configure()
     client = mlflow.MlflowClient()

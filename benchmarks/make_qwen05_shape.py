@@ -43,8 +43,14 @@ def build_shape(out: Path, shape: dict, *, force: bool = False, max_shard_size: 
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    from devkit.toymodel import (ARCHS, DEFAULT_CORPUS, build_config, build_tiny_model, save_tokenizer,
-                                 train_tokenizer)
+    from devkit.toymodel import (
+        ARCHS,
+        DEFAULT_CORPUS,
+        build_config,
+        build_tiny_model,
+        save_tokenizer,
+        train_tokenizer,
+    )
 
     if _weights_complete(out) and (out / "config.json").is_file() and not force:
         return out

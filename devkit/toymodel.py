@@ -81,7 +81,15 @@ ARCHS: dict[str, ArchSpec] = {
 
 def train_tokenizer(corpus: Iterable[str], vocab_size: int, arch: str = "qwen2"):
     """Train a byte-level BPE tokenizer with Qwen2's pre-tokenizer and NFC normaliser."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        trainers,
+    )
 
     spec = ARCHS[arch]
     tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
@@ -218,7 +226,7 @@ def build_tiny_architecture(out: str | Path, case: str, *, vocab_size: int = 102
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from mlflow_slmops.architectures import TINY_BASE, TINY_SHAPES
+    from mlflow_slmops.convert.architectures import TINY_BASE, TINY_SHAPES
 
     shape = TINY_SHAPES[case]
     spec = ARCHS["qwen2"]

@@ -122,7 +122,8 @@ def main(foundry_cache: str, quiet: bool) -> None:
     """Train the demo model, sweep, promote, deploy to Foundry Local and ask it a question."""
     import pandas as pd
 
-    from mlflow_slmops import convert, tracking
+    from mlflow_slmops import convert
+    from mlflow_slmops.track import tracking
 
     convert.own_this_process()  # as the slmops CLI does: this process is ours
     tracking.configure(DEMO_EXPERIMENT)

@@ -74,7 +74,9 @@ def log_model_cmd(model_dir: str, name: str, registered_model_name: str | None) 
     """Log a genai model folder with the onnx_genai flavor in a new MLflow run."""
     import mlflow
 
-    from mlflow_slmops import flavor, modeldir, tracking
+    from mlflow_slmops import flavor
+    from mlflow_slmops.genai import modeldir
+    from mlflow_slmops.track import tracking
 
     modeldir.check_genai_dir(model_dir)  # a bad folder must not leave a failed run behind
     tracking.configure()
@@ -230,9 +232,8 @@ def convert_cmd(model, variants, output, variants_file, cache_dir, trust_remote_
     from rich.console import Console
 
     from mlflow_slmops import convert
+    from mlflow_slmops.convert import architectures
     from mlflow_slmops.variants import resolve_variants
-
-    from mlflow_slmops import architectures
 
     specs = resolve_variants(variants, variants_file)
     note = architectures.check_convertible(convert.check_hf_model_dir(model, trust_remote_code))
@@ -288,7 +289,8 @@ def _write_json(path: str | None, payload: dict) -> None:
 @friendly_errors
 def benchmark_cmd(model_dir, prompt_len, gen_len, repeats, warmup, prompt_lens, json_path, no_log, quiet) -> None:
     """Measure speed, memory and CPU of one genai folder in a fresh subprocess."""
-    from mlflow_slmops import _worker, benchmark, tracking
+    from mlflow_slmops.measure import benchmark, worker
+    from mlflow_slmops.track import log, tracking
 
     try:
         lens = tuple(int(float(x)) for x in prompt_lens.split(",") if x.strip())
@@ -299,7 +301,7 @@ def benchmark_cmd(model_dir, prompt_len, gen_len, repeats, warmup, prompt_lens, 
                                        prompt_lens=lens)
     if not no_log:
         tracking.configure()  # an unreachable server is reported before the measuring starts
-    with _worker.rich_progress(not quiet) as on_progress:
+    with worker.rich_progress(not quiet) as on_progress:
         result = benchmark.run_benchmark(model_dir, config, on_progress=on_progress)
     _print_metrics(f"benchmark: {model_dir}", {**result.metrics(), **{
         f"{k}@{n}": v for k, v, n in result.step_metrics()}})
@@ -307,7 +309,7 @@ def benchmark_cmd(model_dir, prompt_len, gen_len, repeats, warmup, prompt_lens, 
         click.echo(f"Skipped prompt length {length}: {reason}.", err=True)
     _write_json(json_path, result.to_dict())
     if not no_log:
-        click.echo(f"Logged run {benchmark.log_benchmark_run(result)}")
+        click.echo(f"Logged run {log.log_benchmark_run(result)}")
 
 
 @main.command("evaluate")
@@ -328,12 +330,13 @@ def benchmark_cmd(model_dir, prompt_len, gen_len, repeats, warmup, prompt_lens, 
 def evaluate_cmd(model_dir, text, qa, baseline, source_model, cache_dir, chunk_tokens, json_path, no_log,
                  quiet) -> None:
     """Measure quality of one genai folder: perplexity, KL and top-1 vs a baseline and the source, QA, format, edge cases."""
-    from mlflow_slmops import _worker, quality, tracking
+    from mlflow_slmops.measure import quality, worker
+    from mlflow_slmops.track import log, tracking
 
     config = quality.QualityConfig(chunk_tokens=chunk_tokens)
     if not no_log:
         tracking.configure()
-    with _worker.rich_progress(not quiet) as on_progress:
+    with worker.rich_progress(not quiet) as on_progress:
         source = quality.source_reference_for(source_model, text, config, cache_dir, on_progress) \
             if source_model else None
         source_ref = str(source.path) if source else None
@@ -344,7 +347,7 @@ def evaluate_cmd(model_dir, text, qa, baseline, source_model, cache_dir, chunk_t
         click.echo(f"probe {row['probe']}: {'pass' if row['passed'] else 'FAIL'} ({row['outcome']}: {row['detail']})")
     _write_json(json_path, result.to_dict())
     if not no_log:
-        click.echo(f"Logged run {quality.log_quality_run(result)}")
+        click.echo(f"Logged run {log.log_quality_run(result)}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -41,10 +41,14 @@ from mlflow.utils.environment import (
     _validate_env_arguments,
 )
 from mlflow.utils.file_utils import write_to
-from mlflow.utils.model_utils import _get_flavor_configuration, _validate_and_copy_code_paths
+from mlflow.utils.model_utils import (
+    _get_flavor_configuration,
+    _validate_and_copy_code_paths,
+)
 
-from mlflow_slmops import chat, modeldir
+from mlflow_slmops.deploy import chat
 from mlflow_slmops.errors import SlmopsError
+from mlflow_slmops.genai import modeldir
 
 FLAVOR_NAME = "onnx_genai"
 _MODEL_SUBDIR = "model"

@@ -10,8 +10,8 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from mlflow_slmops import metrics as M
-from mlflow_slmops import tracking
 from mlflow_slmops.errors import SlmopsError
+from mlflow_slmops.track import tracking
 
 OBJECTIVES = (M.DECODE_TOK_S, M.SIZE_MB, M.TTFT_MS)
 DEFAULT_OBJECTIVE = M.DECODE_TOK_S

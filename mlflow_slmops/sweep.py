@@ -25,10 +25,10 @@ from typing import Any, Callable, Iterator
 import psutil
 
 from mlflow_slmops import metrics as M
-from mlflow_slmops import report, tracking
 from mlflow_slmops._files import write_json_atomic
-from mlflow_slmops.variants import DEFAULT_VARIANTS
 from mlflow_slmops.errors import SlmopsError
+from mlflow_slmops.track import log, report, tracking
+from mlflow_slmops.variants import DEFAULT_VARIANTS
 
 BASELINE_VARIANT = "fp32"
 REQUEST_ARTIFACT = "sweep_request.json"
@@ -217,7 +217,7 @@ def _resolve_specs(req: SweepRequest) -> list:
 
 
 def _benchmark_config(req: SweepRequest):
-    from mlflow_slmops import benchmark
+    from mlflow_slmops.measure import benchmark
 
     return benchmark.BenchmarkConfig(prompt_len=req.prompt_len, gen_len=req.gen_len, repeats=req.repeats)
 
@@ -225,7 +225,7 @@ def _benchmark_config(req: SweepRequest):
 def measure_variant(output_dir: str, req: SweepRequest, baseline_dir: str | None,
                     source_ref: str | None = None) -> dict:
     """Benchmark and evaluate one variant, each in a fresh subprocess. Returns the spool payload."""
-    from mlflow_slmops import benchmark, quality
+    from mlflow_slmops.measure import benchmark, quality
 
     bench = benchmark.run_benchmark(output_dir, _benchmark_config(req))
     qual = quality.run_evaluate(output_dir, req.text or None, req.qa or None, baseline_dir, source_ref=source_ref)
@@ -276,32 +276,9 @@ def _log_variant_run(spec, conv, size_metrics: dict, measured: dict | None, chil
 def _log_measurement_artifacts(measured: dict) -> None:
     import mlflow
 
-    for length, ms in sorted(measured["latency_curve"].items()):
-        mlflow.log_metric(M.LATENCY_BY_PROMPT_LEN_MS, ms, step=int(length))
+    log.log_latency_curve(measured["latency_curve"])
     mlflow.log_dict(measured["benchmark"], "benchmark.json")
-    mlflow.log_dict(measured["quality"], "quality.json")
-    if measured.get("qa_rows"):
-        mlflow.log_table(_as_table(measured["qa_rows"]), "qa_answers.json")
-    if measured.get("probe_rows"):
-        mlflow.log_table(_as_table(measured["probe_rows"]), "edge_cases.json")
-    fig = report.latency_curve_figure({"this variant": measured["latency_curve"]})
-    mlflow.log_figure(fig, "latency_by_prompt_len.png")
-    source = measured["quality"].get("source")
-    if source:
-        fig = report.kl_histogram_figure(source["histogram"], "KL against the source model, per position")
-        mlflow.log_figure(fig, "src_kl_histogram.png")
-
-
-def _as_table(rows: list[dict]) -> dict[str, list]:
-    cols: dict[str, list] = {}
-    for row in rows:
-        for key in row:
-            cols.setdefault(key, [])
-    for row in rows:
-        for key in cols:
-            value = row.get(key)
-            cols[key].append(value if isinstance(value, (str, int, float, bool)) or value is None else json.dumps(value))
-    return cols
+    log.log_quality_artifacts(measured["quality"], measured.get("qa_rows") or [], measured.get("probe_rows") or [])
 
 
 def _mark_failed(child_run_id: str | None, spec, conv, error: str) -> str:
@@ -437,7 +414,9 @@ def _guard_export(req: SweepRequest, table, outcomes: list[VariantOutcome], pare
 def _check_inputs(req: SweepRequest) -> str | None:
     """Bad input shared by every variant fails here, before a sweep run exists (no partial output). Returns a
     known divergence of this architecture's export to tell the user, if any."""
-    from mlflow_slmops import architectures, convert, quality
+    from mlflow_slmops import convert
+    from mlflow_slmops.convert import architectures
+    from mlflow_slmops.measure import quality
 
     config = convert.check_hf_model_dir(req.model, trust_remote_code=req.trust_remote_code)
     convert.check_cache_dir(req.cache_dir)
@@ -513,7 +492,7 @@ def _source_reference(req: SweepRequest, parent_id: str, bar, echo: Callable[[st
     """Run the Hugging Face model over the evaluation chunks once (or reuse that run); log what it cost."""
     import mlflow
 
-    from mlflow_slmops import quality
+    from mlflow_slmops.measure import quality
 
     bar.stage("source model", "reference logits")
     ref = quality.source_reference_for(req.model, req.text or None, quality.QualityConfig(), req.cache_dir,

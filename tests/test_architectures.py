@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlflow_slmops import architectures as A
-from mlflow_slmops import convert
-from mlflow_slmops.errors import SlmopsError
 from devkit.testing import TEST_CACHE_DIRNAME
+from mlflow_slmops import convert
+from mlflow_slmops.convert import architectures as A
+from mlflow_slmops.convert import inputs, olive
+from mlflow_slmops.errors import SlmopsError
 from mlflow_slmops.variants import resolve_variants
 from tests.helpers import assert_one_line_error, slmops
 
@@ -57,7 +58,7 @@ def _divergence(hf_dir: Path, genai_dir: Path) -> A.Divergence:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from mlflow_slmops.quality import chunk_logits
+    from mlflow_slmops.measure.quality import chunk_logits
 
     ids = _token_ids()
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
@@ -133,8 +134,8 @@ def test_refusal_comes_before_any_work(tiny_arch, fp32, tmp_path, monkeypatch):
     def no_work(*_args, **_kwargs):
         raise AssertionError("the conversion started work on a refused architecture")
 
-    monkeypatch.setattr(convert, "input_model_hash", no_work)
-    monkeypatch.setattr(convert, "_run_olive", no_work)
+    monkeypatch.setattr(inputs, "input_model_hash", no_work)
+    monkeypatch.setattr(olive, "run", no_work)
     out, cache = tmp_path / "out" / "fp32", tmp_path / "cache"
     with pytest.raises(SlmopsError, match="^PhiMoEForCausalLM cannot be converted here"):
         convert.convert_variant(tiny_arch("phimoe"), fp32, out, cache_dir=cache)

@@ -17,9 +17,16 @@ from typing import Callable
 import mlflow
 import pytest
 
-from mlflow_slmops import flavor, tracking
-from mlflow_slmops.deployment import cache as fcache
-from tests.faultkit import copy_warm_cache, paths_snapshot, read_only_folder, store_fingerprint, tiny_disk
+from mlflow_slmops import flavor
+from mlflow_slmops.deploy.foundry_local import cache as fcache
+from mlflow_slmops.track import tracking
+from tests.faultkit import (
+    copy_warm_cache,
+    paths_snapshot,
+    read_only_folder,
+    store_fingerprint,
+    tiny_disk,
+)
 from tests.helpers import assert_one_line_error, bin_path, mlflow_cli, run_cli
 
 NAME = "qwen"

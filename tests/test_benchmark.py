@@ -8,9 +8,10 @@ import shutil
 import mlflow
 import pytest
 
-from mlflow_slmops import benchmark, metrics
-from mlflow_slmops.benchmark import BenchmarkConfig
+from mlflow_slmops import metrics
 from mlflow_slmops.errors import SlmopsError
+from mlflow_slmops.measure import benchmark
+from mlflow_slmops.measure.benchmark import BenchmarkConfig
 from tests.helpers import assert_one_line_error, slmops
 
 # Tiny runs: the fixture model is small and the CPU is shared; no wall times are asserted.

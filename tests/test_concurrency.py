@@ -15,9 +15,10 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from mlflow_slmops import convert, flavor, modeldir
-from mlflow_slmops.deployment import cache as fcache
-from mlflow_slmops.deployment import config as fconfig
+from mlflow_slmops import convert, flavor
+from mlflow_slmops.deploy.foundry_local import cache as fcache
+from mlflow_slmops.deploy.foundry_local import config as fconfig
+from mlflow_slmops.genai import modeldir
 from mlflow_slmops.variants import PRESETS
 from tests.faultkit import WAIT_S, copy_warm_cache, wait_for
 from tests.helpers import assert_one_line_error, bin_path, stop_process

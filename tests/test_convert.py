@@ -16,10 +16,18 @@ from typing import Callable
 
 import pytest
 
-from mlflow_slmops import convert, modeldir
 from devkit.testing import TEST_CACHE_DIRNAME
+from mlflow_slmops import convert
+from mlflow_slmops.convert import olive, process, validate
+from mlflow_slmops.genai import modeldir
 from mlflow_slmops.variants import PRESETS, VariantSpec
-from tests.helpers import assert_one_line_error, bin_path, run_cli, slmops, tree_snapshot
+from tests.helpers import (
+    assert_one_line_error,
+    bin_path,
+    run_cli,
+    slmops,
+    tree_snapshot,
+)
 
 CPU_PRESETS = [name for name, spec in PRESETS.items() if not spec.build_only]
 OLIVE_CLUTTER = ("footprint.json", "output_footprint.json", "run_history.txt", "model_config.json")
@@ -147,7 +155,7 @@ def test_without_the_rename_genai_refuses_the_quantized_model(hf_qwen, shared_ca
     out = tmp_path / "no-rename"
     config = convert.olive_config(hf_qwen, PRESETS["int4"], str(out), str(shared_cache / "olive"))
     del config["passes"]["keep_logits_name"]
-    convert._finish_copies(convert._run_olive(config, tmp_path / "olive.log"), link=False)  # Olive leaves it to us
+    olive.finish_copies(olive.run(config, tmp_path / "olive.log"), link=False)  # Olive leaves it to us
     assert "logits_Q4" in _graph_outputs(out)
     with pytest.raises(Exception, match="Model output was not found: logits"):
         _generate(out)
@@ -188,7 +196,7 @@ def test_cached_rerun_converts_nothing_and_links_the_cached_files(qwen_variants,
     def no_olive(*_args, **_kwargs):
         raise AssertionError("Olive ran for a cached variant")
 
-    monkeypatch.setattr(convert, "_run_olive", no_olive)
+    monkeypatch.setattr(olive, "run", no_olive)
     again = convert.convert_variants(hf_qwen, list(PRESETS.values()), tmp_path / "again", cache_dir=shared_cache,
                                      progress=False)
     assert [(r.spec.name, r.status, r.cached) for r in again] == [(n, "ok", True) for n in PRESETS]
@@ -233,14 +241,14 @@ def test_a_sweep_freezes_survivors_only_while_it_runs_and_leaves_a_host_freeze_a
     import gc
 
     assert gc.get_freeze_count() == 0
-    with convert._gc_walks_only_new_objects():
+    with process.gc_walks_only_new_objects():
         convert.release_memory()
         assert gc.get_freeze_count() > 0  # the next collection skips what survived this one
     assert gc.get_freeze_count() == 0
     gc.freeze()  # a host application that froze its own objects (a pre-fork server, say)
     try:
         host = gc.get_freeze_count()
-        with convert._gc_walks_only_new_objects():
+        with process.gc_walks_only_new_objects():
             fresh = [[] for _ in range(1000)]  # alive through the collection: frozen, if anything were
             convert.release_memory()
         # Neither unfrozen nor frozen further (a frozen object can still die, so the count may drop a little).
@@ -252,23 +260,23 @@ def test_a_sweep_freezes_survivors_only_while_it_runs_and_leaves_a_host_freeze_a
 _HEAP_PROBE = """
 import sys
 import psutil
-from mlflow_slmops import convert
+from mlflow_slmops.convert import process
 
 if sys.argv[1] == "owned":  # as the slmops CLI does
-    convert.own_this_process()
+    process.own_this_process()
 
 MB = 1 << 20
 rss = lambda: psutil.Process().memory_info().rss // MB
 
 def freed_mb():
-    with convert._heap_reused_between_variants():
+    with process.heap_reused_between_variants():
         block = b"x" * (256 * MB)  # written, so every page is resident
         before = rss()
         del block
-        convert.release_memory()  # a variant's end: collect, and trim unless the heap is kept
+        process.release_memory()  # a variant's end: collect, and trim unless the heap is kept
         return before - rss()
 
-with convert._heap_reused_between_variants():
+with process.heap_reused_between_variants():
     freed_nested = freed_mb()  # an inner call keeps the outer policy
     before_exit = rss()
 after_exit = rss()
@@ -539,7 +547,7 @@ def test_ctrl_c_that_an_extension_import_turned_into_an_import_error_still_inter
             raise ImportError("initialization failed") from exc
         raise AssertionError("no KeyboardInterrupt")
 
-    monkeypatch.setattr(convert, "_run_olive", olive_importing_an_extension)
+    monkeypatch.setattr(olive, "run", olive_importing_an_extension)
     out, cache = tmp_path / "out", tmp_path / "cache"
     with pytest.raises(KeyboardInterrupt):
         if one_variant:
@@ -586,7 +594,7 @@ def _validation_children(pid: int) -> list:
     found = []
     for child in psutil.Process(pid).children(recursive=True):
         try:
-            if convert._VALIDATE_SCRIPT in child.cmdline():
+            if validate.VALIDATE_SCRIPT in child.cmdline():
                 found.append(child)
         except psutil.NoSuchProcess:
             continue

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from devkit import demo, toymodel
-from mlflow_slmops import quality
+from mlflow_slmops.measure import quality
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "projects" / "quickstart"
@@ -53,8 +53,8 @@ def test_tokenizer_reloads_encode_training_text_like_the_trained_one(tmp_path):
     import onnxruntime_genai as og
     from transformers import AutoTokenizer
 
-    from mlflow_slmops.flavor import GenaiModel
     from devkit.testing import convert_for_tests
+    from mlflow_slmops.flavor import GenaiModel
 
     examples = demo.training_examples()
     tok = demo.train_demo_tokenizer(examples, demo.TrainConfig().vocab_size)
@@ -156,7 +156,7 @@ def test_slmops_demo_runs_the_whole_flow_and_foundry_local_answers(demo_hf, tmp_
     import mlflow
 
     from devkit import walkthrough
-    from mlflow_slmops.deployment.config import DEFAULT_PUBLISHER
+    from mlflow_slmops.deploy.foundry_local.config import DEFAULT_PUBLISHER
     from tests.helpers import bin_path, run_cli
 
     seeded = tmp_path / demo.DEFAULT_CACHE_DIR / demo_hf.name

@@ -24,13 +24,20 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.deployments import get_deploy_client
 
-from mlflow_slmops import flavor, modeldir
-from mlflow_slmops.deployment import cache as fcache
-from mlflow_slmops.deployment import config as fconfig
-from mlflow_slmops.deployment import prompt_template
-from mlflow_slmops.errors import SlmopsError
 from devkit.toymodel import CHATML_TEMPLATE, LLAMA3_TEMPLATE
-from tests.helpers import assert_one_line_error, bin_path, mlflow_cli, stop_process, tree_snapshot
+from mlflow_slmops import flavor
+from mlflow_slmops.deploy.foundry_local import cache as fcache
+from mlflow_slmops.deploy.foundry_local import config as fconfig
+from mlflow_slmops.deploy.foundry_local import prompt_template
+from mlflow_slmops.errors import SlmopsError
+from mlflow_slmops.genai import modeldir
+from tests.helpers import (
+    assert_one_line_error,
+    bin_path,
+    mlflow_cli,
+    stop_process,
+    tree_snapshot,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "qwen-support"
@@ -507,7 +514,7 @@ def test_bad_input_via_the_cli_is_one_line_error_and_writes_nothing(registry, tm
 
 @pytest.mark.parametrize("case", ["model_without_chat_template", "max_length_beyond_context", "unknown_config_key"])
 def test_more_bad_input_is_refused_before_anything_is_written(case, registry, cache):
-    from mlflow_slmops.deployment import FoundryLocalDeploymentError
+    from mlflow_slmops.deploy.foundry_local import FoundryLocalDeploymentError
 
     uri, config, needle = f"models:/{NAME}/1", {}, ""
     if case == "model_without_chat_template":

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from mlflow_slmops import convert, modeldir
+from mlflow_slmops import convert
 from mlflow_slmops import metrics as M
+from mlflow_slmops.genai import modeldir
 from tests.faultkit import WAIT_S, copy_warm_cache, paths_snapshot, wait_for
 from tests.helpers import assert_one_line_error, bin_path, slmops, stop_process
 from tests.servers import start_mlflow_server

@@ -12,9 +12,17 @@ import pytest
 import requests
 import yaml
 
-from mlflow_slmops import flavor, modeldir
+from mlflow_slmops import flavor
 from mlflow_slmops.errors import SlmopsError
-from tests.helpers import assert_one_line_error, bin_path, free_port, slmops, stop_process, wait_http
+from mlflow_slmops.genai import modeldir
+from tests.helpers import (
+    assert_one_line_error,
+    bin_path,
+    free_port,
+    slmops,
+    stop_process,
+    wait_http,
+)
 
 CHAT = {"messages": [{"role": "user", "content": "What is MLflow?"}]}
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlflow_slmops import olive_speedups
-from mlflow_slmops.olive_speedups import SPEEDUPS_ENV, block_quantize, speedups
+from mlflow_slmops.convert.olive import speedups as olive_speedups
+from mlflow_slmops.convert.olive.speedups import SPEEDUPS_ENV, block_quantize, speedups
 
 # Rows past one chunk of block_quantize, so the chunked, threaded path is what is compared.
 MANY_ROWS = olive_speedups.QUANT_ROWS_PER_CHUNK * 2 + 37
@@ -122,9 +122,9 @@ def _run_rtn(model: Path, out: Path, bits: int, is_symmetric: bool) -> dict[str,
 @pytest.mark.parametrize(("bits", "is_symmetric"), [(4, True), (4, False), (8, True)])
 def test_olive_rtn_pass_writes_the_same_files_with_and_without_speedups(tmp_path, monkeypatch, bits,
                                                                          is_symmetric):
-    from mlflow_slmops.convert import _quiet_olive_telemetry
+    from mlflow_slmops.convert.olive import quiet_telemetry
 
-    _quiet_olive_telemetry()
+    quiet_telemetry()
     model = _tiny_onnx_with_gather_and_matmul(tmp_path / "fp32")
     with speedups():
         fast = _run_rtn(model, tmp_path / "fast", bits, is_symmetric)

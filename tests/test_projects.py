@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from mlflow.projects._project_spec import load_project
 
-from mlflow_slmops.quality import load_qa
+from mlflow_slmops.measure.quality import load_qa
 from mlflow_slmops.variants import resolve_variants
 from tests.conftest import ROOT
 

@@ -7,7 +7,8 @@ import json
 import mlflow
 import pytest
 
-from mlflow_slmops import flavor, metrics as M, promote
+from mlflow_slmops import flavor, promote
+from mlflow_slmops import metrics as M
 from mlflow_slmops.errors import SlmopsError
 from tests.helpers import assert_one_line_error, slmops
 

@@ -9,10 +9,11 @@ import mlflow
 import numpy as np
 import pytest
 
-from mlflow_slmops import metrics, quality
+from mlflow_slmops import metrics
 from mlflow_slmops.errors import SlmopsError
 from mlflow_slmops.flavor import GenaiModel
-from mlflow_slmops.quality import QaItem, QualityConfig, judge
+from mlflow_slmops.measure import quality
+from mlflow_slmops.measure.quality import QaItem, QualityConfig, judge
 from tests.helpers import assert_one_line_error, slmops
 
 # Few chunks: enough positions for the comparisons to mean something, quick on a shared CPU.

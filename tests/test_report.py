@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from mlflow_slmops import report
+from mlflow_slmops.track import report
 
 ROWS = [
     {"variant": "fp32", "status": "ok", "size_mb": 100.0, "decode_tok_s": 10.0, "ppl_delta_pct": 0.0, "kl_div": 0.0, "ttft_ms": 50.0},
@@ -67,7 +67,7 @@ def test_a_faithful_export_is_not_flagged():
 
 
 def test_kl_histogram_figure_draws_the_per_position_counts(tmp_path):
-    from mlflow_slmops.quality import kl_histogram
+    from mlflow_slmops.measure.quality import kl_histogram
 
     hist = kl_histogram([0.0, 1e-13, 1e-6, 1e-6, 2e-3, 5.0, 1e3])
     assert sum(hist["counts"]) == 7

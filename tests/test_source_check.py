@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mlflow_slmops import metrics as M
-from mlflow_slmops import quality, source_ref
+from mlflow_slmops.measure import quality, source_ref
 from tests.helpers import assert_one_line_error, slmops
 
 FEW = quality.QualityConfig(chunk_tokens=64, max_chunks=3)
@@ -33,9 +33,10 @@ def qwen_ref(hf_qwen):
 @pytest.fixture(scope="module")
 def hf_olmo(models_root) -> Path:
     """OLMo (v1) with clip_qkv: the genai 0.14.1 builder ignores the clamp and exports it wrong (docs/architectures.md)."""
-    from devkit.toymodel import DEFAULT_CORPUS, build_tiny_model, train_tokenizer
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from devkit.toymodel import DEFAULT_CORPUS, build_tiny_model, train_tokenizer
 
     tok = train_tokenizer(DEFAULT_CORPUS * 4, 512, "qwen2")
     eos = tok.token_to_id("<|im_end|>")
@@ -50,9 +51,16 @@ def hf_olmo(models_root) -> Path:
 @pytest.fixture(scope="module")
 def hf_qwen_bf16_sharded(models_root) -> Path:
     """A fine-tuned folder as they usually come: bf16 safetensors in several shards, with an index."""
-    from devkit.toymodel import ARCHS, DEFAULT_CORPUS, build_config, build_tiny_model, train_tokenizer
     import torch
     from transformers import AutoModelForCausalLM
+
+    from devkit.toymodel import (
+        ARCHS,
+        DEFAULT_CORPUS,
+        build_config,
+        build_tiny_model,
+        train_tokenizer,
+    )
 
     out = models_root / "hf-qwen-bf16-sharded"
     tok = train_tokenizer(DEFAULT_CORPUS * 4, 512, "qwen2")

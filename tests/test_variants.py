@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 
 from mlflow_slmops.errors import SlmopsError
-from mlflow_slmops.variants import PRESETS, VariantSpec, load_variants_file, resolve_variants, spec_key
+from mlflow_slmops.variants import (
+    PRESETS,
+    VariantSpec,
+    load_variants_file,
+    resolve_variants,
+    spec_key,
+)
 from tests.helpers import assert_one_line_error, slmops
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "variants.md"

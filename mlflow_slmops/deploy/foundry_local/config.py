@@ -91,7 +91,7 @@ def _version(key: str, text: str) -> int:
 
 
 def _publisher(key: str, text: str) -> str:
-    from mlflow_slmops.deployment.cache import validate_name
+    from mlflow_slmops.deploy.foundry_local.cache import validate_name
 
     return validate_name(text, what="publisher")
 
@@ -104,7 +104,7 @@ def _port(key: str, text: str) -> int:
 
 
 def _prompt_template(key: str, text: str) -> dict:
-    from mlflow_slmops.deployment.prompt_template import parse_override
+    from mlflow_slmops.deploy.foundry_local.prompt_template import parse_override
 
     return parse_override(text)
 

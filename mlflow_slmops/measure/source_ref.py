@@ -30,10 +30,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from mlflow_slmops import _worker, errors
-from mlflow_slmops._worker import ProgressFn
+from mlflow_slmops import errors
+from mlflow_slmops.measure import worker
+from mlflow_slmops.measure.worker import ProgressFn
 
-WORKER_MODULE = "mlflow_slmops.source_ref"
+WORKER_MODULE = "mlflow_slmops.measure.source_ref"
 # Bumped when the folder's layout or the way logits are computed changes, so old references are not reused.
 REFERENCE_VERSION = 1
 REFERENCES_DIRNAME = "source-ref"
@@ -132,7 +133,8 @@ def build_reference(model_dir: str | Path, text_path: str | Path, config: Refere
     """
     from filelock import FileLock
 
-    from mlflow_slmops import convert, quality
+    from mlflow_slmops import convert
+    from mlflow_slmops.measure import quality
 
     text = quality.read_eval_text(text_path)
     cache_root = convert.check_cache_dir(cache_dir)
@@ -149,8 +151,8 @@ def build_reference(model_dir: str | Path, text_path: str | Path, config: Refere
         try:
             args = ["--model", str(model_dir), "--text", str(text_path), "--out", str(partial),
                     "--config", json.dumps(asdict(config))]
-            outcome = _worker.run_worker(WORKER_MODULE, args, _worker.progress_events(on_progress), timeout_s)
-            _worker.raise_for_outcome(outcome, f"the source-model reference of {model_dir}")
+            outcome = worker.run_worker(WORKER_MODULE, args, worker.progress_events(on_progress), timeout_s)
+            worker.raise_for_outcome(outcome, f"the source-model reference of {model_dir}")
             os.replace(partial, final)
         finally:
             shutil.rmtree(partial, ignore_errors=True)
@@ -194,7 +196,7 @@ def source_chunks(model_dir: str | Path, text: str, config: ReferenceConfig, max
     """The text tokenized by the source model's own tokenizer, cut into the quality stage's chunks."""
     from transformers import AutoTokenizer
 
-    from mlflow_slmops import quality
+    from mlflow_slmops.measure import quality
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=config.trust_remote_code)
     ids = [int(t) for t in tokenizer(text)["input_ids"]]
@@ -207,9 +209,10 @@ def write_reference(model_dir: str | Path, text_path: str | Path, config: Refere
     """Worker body: tokenize, run the model chunk by chunk, write each chunk's logits, then meta.json."""
     import numpy as np
 
-    from mlflow_slmops import quality
+    from mlflow_slmops.measure import quality
+
     # VmHWM, not ru_maxrss: a worker started by vfork+exec inherits its parent's ru_maxrss on Linux.
-    from mlflow_slmops.benchmark import peak_rss_bytes
+    from mlflow_slmops.measure.benchmark import peak_rss_bytes
 
     start = time.perf_counter()
     text = quality.read_eval_text(text_path)
@@ -246,8 +249,8 @@ def _worker_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", required=True)
     args = parser.parse_args(argv)
     config = ReferenceConfig(**json.loads(args.config))
-    return _worker.run_guarded(
-        lambda: write_reference(args.model, args.text, config, Path(args.out), _worker.emit_progress), args.json)
+    return worker.run_guarded(
+        lambda: write_reference(args.model, args.text, config, Path(args.out), worker.emit_progress), args.json)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from mlflow_slmops import modeldir
 from mlflow_slmops.errors import SlmopsError
+from mlflow_slmops.genai import modeldir
 
 CONTENT = "{Content}"
 PIECE_KEYS = ("system", "user", "assistant", "prompt")
@@ -201,7 +201,7 @@ def for_model(model_dir: str | Path, override: dict | None = None) -> dict[str, 
 
 def parse_override(text: str) -> dict:
     """Check a ``prompt_template`` config value: a JSON object (or file) of role strings with {Content}."""
-    from mlflow_slmops.deployment.config import read_json_or_path
+    from mlflow_slmops.deploy.foundry_local.config import read_json_or_path
 
     value = read_json_or_path(text, "-C prompt_template")
     if not isinstance(value, dict) or "prompt" not in value:

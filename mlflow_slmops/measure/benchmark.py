@@ -7,7 +7,7 @@ tokens over the time of the later ``generate_next_token`` calls, each reported a
 ``docs/metrics.md`` defines every figure.
 
 Example:
-    >>> from mlflow_slmops.benchmark import BenchmarkConfig, run_benchmark     # doctest: +SKIP
+    >>> from mlflow_slmops.measure.benchmark import BenchmarkConfig, run_benchmark     # doctest: +SKIP
     >>> result = run_benchmark("out/int4", BenchmarkConfig(repeats=3))
     >>> result.metrics()["decode_tok_s"]
     64.8
@@ -24,12 +24,14 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from mlflow_slmops import _worker, metrics, modeldir, tracking
 from mlflow_slmops import data as packaged_data
-from mlflow_slmops._worker import ProgressFn
+from mlflow_slmops import metrics
 from mlflow_slmops.errors import SlmopsError
+from mlflow_slmops.genai import modeldir
+from mlflow_slmops.measure import worker
+from mlflow_slmops.measure.worker import ProgressFn
 
-WORKER_MODULE = "mlflow_slmops.benchmark"
+WORKER_MODULE = "mlflow_slmops.measure.benchmark"
 DEFAULT_PROMPT_LEN = 128
 DEFAULT_GEN_LEN = 32
 DEFAULT_WARMUP = 2
@@ -42,7 +44,6 @@ MIN_GEN_LEN = 2
 CURVE_WARMUP = 1
 P50, P95 = 50, 95
 # slmops.role of a run logged by `slmops benchmark` on its own.
-ROLE_BENCHMARK = "benchmark"
 MS_PER_S = 1000.0
 BYTES_PER_MB = 1 << 20
 
@@ -176,11 +177,11 @@ def run_benchmark(model_dir: str | Path, config: BenchmarkConfig | None = None,
     config = config or BenchmarkConfig()
     config.validate()
     modeldir.check_genai_dir(model_dir)  # fail fast, before a subprocess starts
-    outcome = _worker.run_worker(
+    outcome = worker.run_worker(
         WORKER_MODULE, ["--model-dir", str(model_dir), "--config", json.dumps(config.to_dict())],
-        on_event=_worker.progress_events(on_progress), timeout_s=timeout_s,
+        on_event=worker.progress_events(on_progress), timeout_s=timeout_s,
     )
-    return BenchmarkResult.from_dict(_worker.raise_for_outcome(outcome, f"benchmark of {model_dir}"))
+    return BenchmarkResult.from_dict(worker.raise_for_outcome(outcome, f"benchmark of {model_dir}"))
 
 
 def benchmark_in_process(model_dir: str | Path, config: BenchmarkConfig | None = None,
@@ -353,37 +354,6 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, kB elsewhere
 
 
-def log_benchmark(result: BenchmarkResult, log_params: bool = True) -> None:
-    """Log a result into the active MLflow run: metrics, the latency curve by step, benchmark.json.
-
-    Args:
-        result: what ``run_benchmark`` returned.
-        log_params: also log the benchmark config as params (prompt_len, gen_len, ...).
-
-    Example:
-        >>> with mlflow.start_run():                      # doctest: +SKIP
-        ...     log_benchmark(run_benchmark("out/int4"))
-    """
-    import mlflow
-
-    if log_params:
-        cfg = result.config
-        mlflow.log_params({k: (",".join(map(str, v)) if isinstance(v, list) else v) for k, v in cfg.items()})
-    mlflow.log_metrics(result.metrics())
-    for key, value, step in result.step_metrics():
-        mlflow.log_metric(key, value, step=step)
-    mlflow.log_dict(result.to_dict(), "benchmark.json")
-
-
-def log_benchmark_run(result: BenchmarkResult) -> str:
-    """Log a result as its own MLflow run in the current experiment; return the run ID.
-
-    Example:
-        >>> log_benchmark_run(run_benchmark("out/int4"))        # doctest: +SKIP
-    """
-    return tracking.log_standalone_run("benchmark", ROLE_BENCHMARK, result.model_dir, lambda: log_benchmark(result))
-
-
 def _worker_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=WORKER_MODULE, description="internal: benchmark worker")
     parser.add_argument("--model-dir", required=True)
@@ -391,8 +361,8 @@ def _worker_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", required=True)
     args = parser.parse_args(argv)
     config = BenchmarkConfig.from_dict(json.loads(args.config))
-    return _worker.run_guarded(
-        lambda: benchmark_in_process(args.model_dir, config, _worker.emit_progress).to_dict(), args.json)
+    return worker.run_guarded(
+        lambda: benchmark_in_process(args.model_dir, config, worker.emit_progress).to_dict(), args.json)
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ def _run_location(uri: str) -> _Location:
 def _locate(uri: str) -> _Location:
     from mlflow.exceptions import MlflowException
 
-    from mlflow_slmops import tracking
+    from mlflow_slmops.track import tracking
 
     scheme = urlparse(uri).scheme
     if scheme not in ("models", "runs"):

@@ -41,7 +41,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from mlflow_slmops import modeldir
+from mlflow_slmops.genai import modeldir
 
 # Set to 0 to run Olive's own code unpatched (same output, slower): to rule the patches out when in doubt.
 SPEEDUPS_ENV = "SLMOPS_OLIVE_SPEEDUPS"

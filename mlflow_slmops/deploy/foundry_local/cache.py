@@ -34,9 +34,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
-from mlflow_slmops import modeldir
 from mlflow_slmops._files import link_or_copy, write_json_atomic
 from mlflow_slmops.errors import SlmopsError
+from mlflow_slmops.genai import modeldir
 
 INFERENCE_MODEL_FILE = "inference_model.json"
 PROVENANCE_FILE = "slmops_provenance.json"

@@ -10,7 +10,7 @@ scored against the source model's logits, read back one memory-mapped chunk at a
 figures. ``docs/metrics.md`` defines every figure.
 
 Example:
-    >>> from mlflow_slmops.quality import run_evaluate                       # doctest: +SKIP
+    >>> from mlflow_slmops.measure.quality import run_evaluate                       # doctest: +SKIP
     >>> result = run_evaluate("out/int4", baseline_dir="out/fp32")
     >>> result.metrics()["kl_div"], result.metrics()["qa_accuracy"]
     (0.012, 0.5)
@@ -29,12 +29,15 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from mlflow_slmops import _worker, chat, metrics, modeldir, tracking
 from mlflow_slmops import data as packaged_data
-from mlflow_slmops._worker import ProgressFn
+from mlflow_slmops import metrics
+from mlflow_slmops.deploy import chat
 from mlflow_slmops.errors import SlmopsError
+from mlflow_slmops.genai import modeldir
+from mlflow_slmops.measure import worker
+from mlflow_slmops.measure.worker import ProgressFn
 
-WORKER_MODULE = "mlflow_slmops.quality"
+WORKER_MODULE = "mlflow_slmops.measure.quality"
 DEFAULT_CHUNK_TOKENS = 128
 DEFAULT_QA_MAX_NEW_TOKENS = 32
 # Probes only need to show the model answers or refuses cleanly: a few tokens are enough.
@@ -47,7 +50,6 @@ DEFAULT_MATCH = "contains"
 _JSON_FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL | re.IGNORECASE)
 PERCENT = 100.0
 # slmops.role of a run logged by `slmops evaluate` on its own.
-ROLE_EVALUATE = "evaluate"
 
 
 # ---------------------------------------------------------------- records
@@ -725,7 +727,8 @@ def source_reference_for(model_dir: str | Path, text_path: str | Path | None, co
         >>> ref = source_reference_for("./my-finetuned-model", None, QualityConfig())     # doctest: +SKIP
         >>> run_evaluate("out/int4", source_ref=ref.path).metrics()["src_kl_mean"]        # doctest: +SKIP
     """
-    from mlflow_slmops import convert, source_ref
+    from mlflow_slmops import convert
+    from mlflow_slmops.measure import source_ref
 
     config.validate()
     convert.check_hf_model_dir(model_dir, trust_remote_code=trust_remote_code)
@@ -736,7 +739,7 @@ def source_reference_for(model_dir: str | Path, text_path: str | Path | None, co
 
 def _open_source(source_ref: str | Path, chunks: list[list[int]], model_dir: str | Path) -> Any:
     """The source reference, checked to hold exactly the chunks this variant's own tokenizer makes of the text."""
-    from mlflow_slmops.source_ref import SourceReference
+    from mlflow_slmops.measure.source_ref import SourceReference
 
     source = SourceReference.open(source_ref)
     if source.chunks != chunks:
@@ -843,60 +846,22 @@ def _run_with_probe_restarts(base_args: list[str], on_progress: ProgressFn | Non
         remaining = [p for p in PROBE_NAMES if p not in done]
 
         def on_event(event: dict, state=state) -> None:
-            _worker.progress_events(on_progress)(event)
+            worker.progress_events(on_progress)(event)
             if event.get("event") == "probe_start":
                 state["running"] = event["probe"]
             elif event.get("event") == "probe_done":
                 done[event["row"]["probe"]] = ProbeRow(**event["row"])
                 state["running"] = None
 
-        outcome = _worker.run_worker(WORKER_MODULE, [*base_args, "--probes", ",".join(remaining)],
+        outcome = worker.run_worker(WORKER_MODULE, [*base_args, "--probes", ",".join(remaining)],
                                      on_event=on_event, timeout_s=timeout_s)
         crashed = state["running"]
         if outcome.result is None and crashed is not None:
             done[crashed] = ProbeRow(crashed, False, "crash",
                                      f"the process died (exit code {outcome.returncode}): {outcome.last_error_line()}")
             continue
-        result = QualityResult.from_dict(_worker.raise_for_outcome(outcome, f"quality evaluation of {what}"))
+        result = QualityResult.from_dict(worker.raise_for_outcome(outcome, f"quality evaluation of {what}"))
         return result.with_probes([done[p] for p in PROBE_NAMES if p in done])
-
-
-def log_quality(result: QualityResult, log_params: bool = True) -> None:
-    """Log a result into the active MLflow run: metrics, the QA answers and probe outcomes as tables, quality.json.
-
-    Args:
-        result: what ``run_evaluate`` or ``evaluate`` returned.
-        log_params: also log the inputs (text, QA file, baseline, chunk size) as params.
-
-    Example:
-        >>> with mlflow.start_run():                                    # doctest: +SKIP
-        ...     log_quality(run_evaluate("out/int4", baseline_dir="out/fp32"))
-    """
-    import mlflow
-    import pandas as pd
-
-    if log_params:
-        mlflow.log_params({"eval_text": result.text_path, "qa_file": result.qa_path,
-                           "baseline_dir": result.baseline_dir or "", "chunk_tokens": result.chunk_tokens,
-                           "source_ref": result.source_ref or ""})
-    mlflow.log_metrics(result.metrics())
-    mlflow.log_table(pd.DataFrame(result.qa_rows), "qa_answers.json")
-    mlflow.log_table(pd.DataFrame(result.probe_rows), "edge_cases.json")
-    mlflow.log_dict(result.to_dict(), "quality.json")
-    if result.source is not None:
-        from mlflow_slmops import report
-
-        fig = report.kl_histogram_figure(result.source["histogram"], "KL against the source model, per position")
-        mlflow.log_figure(fig, "src_kl_histogram.png")
-
-
-def log_quality_run(result: QualityResult) -> str:
-    """Log a result as its own MLflow run in the current experiment; return the run ID.
-
-    Example:
-        >>> log_quality_run(run_evaluate("out/int4"))        # doctest: +SKIP
-    """
-    return tracking.log_standalone_run("evaluate", ROLE_EVALUATE, result.model_dir, lambda: log_quality(result))
 
 
 def _worker_main(argv: list[str] | None = None) -> int:
@@ -914,16 +879,16 @@ def _worker_main(argv: list[str] | None = None) -> int:
 
     def on_probe(name: str, row: ProbeRow | None) -> None:
         if row is None:
-            _worker.emit("probe_start", probe=name)
+            worker.emit("probe_start", probe=name)
         else:
-            _worker.emit("probe_done", row=asdict(row))
+            worker.emit("probe_done", row=asdict(row))
 
     def run() -> dict:
         return evaluate(args.model_dir, args.text, args.qa, args.baseline,
-                        QualityConfig.from_dict(json.loads(args.config)), _worker.emit_progress,
+                        QualityConfig.from_dict(json.loads(args.config)), worker.emit_progress,
                         probes, on_probe, args.source_ref).to_dict()
 
-    return _worker.run_guarded(run, args.json)
+    return worker.run_guarded(run, args.json)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from mlflow_slmops.deployment.cache import INFERENCE_MODEL_FILE
+from mlflow_slmops.deploy.foundry_local.cache import INFERENCE_MODEL_FILE
 from mlflow_slmops.errors import SlmopsError
-from mlflow_slmops.modeldir import GENAI_CONFIG, TOKENIZER_JSON, read_json_or_empty
+from mlflow_slmops.genai.modeldir import (
+    GENAI_CONFIG,
+    TOKENIZER_JSON,
+    read_json_or_empty,
+)
 
 APP_NAME = "mlflow-slmops"
 TASK = "chat-completion"

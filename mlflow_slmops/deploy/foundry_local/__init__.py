@@ -34,10 +34,11 @@ import click
 from mlflow.deployments import BaseDeploymentClient, PredictionsResponse
 from mlflow.exceptions import MlflowException
 
-from mlflow_slmops import chat, modeldir
-from mlflow_slmops.deployment import cache as fcache
-from mlflow_slmops.deployment import config as fconfig
+from mlflow_slmops.deploy import chat
+from mlflow_slmops.deploy.foundry_local import cache as fcache
+from mlflow_slmops.deploy.foundry_local import config as fconfig
 from mlflow_slmops.errors import SlmopsError
+from mlflow_slmops.genai import modeldir
 
 FLAVOR = "onnx_genai"
 TARGET = "foundry-local"
@@ -134,7 +135,7 @@ class FoundryLocalDeploymentClient(BaseDeploymentClient):
         entries = self.cache.entries(name)
         if not entries:
             return None
-        from mlflow_slmops.deployment import runtime
+        from mlflow_slmops.deploy.foundry_local import runtime
 
         with self.cache.lock(entries[0].provenance.publisher, name):
             rt = runtime.runtime_for(self.cache.root)
@@ -145,7 +146,7 @@ class FoundryLocalDeploymentClient(BaseDeploymentClient):
         return None
 
     def _deploy(self, name: str, model_uri: str | None, settings: fconfig.DeploymentConfig, mode: str) -> dict:
-        from mlflow_slmops.deployment import source
+        from mlflow_slmops.deploy.foundry_local import source
 
         fcache.validate_name(name)
         previous = self.cache.find(name)
@@ -160,7 +161,7 @@ class FoundryLocalDeploymentClient(BaseDeploymentClient):
             return self._write(_plan(self.cache, name, src, settings, previous, model_uri))
 
     def _write(self, plan: _Plan) -> dict:
-        from mlflow_slmops.deployment import runtime
+        from mlflow_slmops.deploy.foundry_local import runtime
 
         with self.cache.lock(plan.publisher, plan.name):
             rt = runtime.runtime_for(self.cache.root)
@@ -191,7 +192,7 @@ class FoundryLocalDeploymentClient(BaseDeploymentClient):
         """Name, model ID, source URI and registry version, run ID, size, path, settings, catalog state."""
         fcache.validate_name(name)
         entry = self._entry(name)
-        from mlflow_slmops.deployment import runtime
+        from mlflow_slmops.deploy.foundry_local import runtime
 
         rt = runtime.runtime_for(self.cache.root)
         return self._describe(entry, registered=_same_path(rt.registered_path(entry.model_id), entry.path))
@@ -244,7 +245,7 @@ class FoundryLocalDeploymentClient(BaseDeploymentClient):
         return _friendly_iter(_chunks(entry.model_id, rt.chat_stream(entry.model_id, conversations[0], options)))
 
     def _runtime_with(self, entry: fcache.Entry):
-        from mlflow_slmops.deployment import runtime
+        from mlflow_slmops.deploy.foundry_local import runtime
 
         rt = runtime.runtime_for(self.cache.root)
         if not _same_path(rt.registered_path(entry.model_id), entry.path):
@@ -265,7 +266,7 @@ def _check_mode(name: str, mode: str, previous: fcache.Entry | None, root: Path)
 
 def _source_of(entry: fcache.Entry):
     """An update without -m redeploys the deployed folder itself with new settings."""
-    from mlflow_slmops.deployment.source import ModelSource
+    from mlflow_slmops.deploy.foundry_local.source import ModelSource
 
     p = entry.provenance
     return ModelSource(p.source_uri, entry.path, entry.path, {"weights_sha256": p.weights_sha256},
@@ -296,7 +297,7 @@ def _genai_config(genai_dir: Path, search: dict) -> dict:
 def _plan(cache: fcache.FoundryCache, name: str, src, settings: fconfig.DeploymentConfig,
           previous: fcache.Entry | None, model_uri: str | None) -> _Plan:
     from mlflow_slmops import __version__
-    from mlflow_slmops.deployment import prompt_template
+    from mlflow_slmops.deploy.foundry_local import prompt_template
 
     info = modeldir.check_genai_dir(src.genai_dir)
     pieces = prompt_template.for_model(src.genai_dir, settings.prompt_template)
@@ -385,7 +386,7 @@ def _summary(entry: fcache.Entry) -> dict:
 
 
 def _chat_options(values: dict) -> "Any":
-    from mlflow_slmops.deployment.runtime import ChatOptions
+    from mlflow_slmops.deploy.foundry_local.runtime import ChatOptions
 
     parsers = {"max_tokens": fconfig._int_at_least(1), "temperature": fconfig._positive_float,
                "top_p": fconfig._top_p, "top_k": fconfig._int_at_least(1), "seed": fconfig._int_at_least(0),
@@ -439,7 +440,7 @@ def _completion(model_id: str, result) -> dict:
 
 
 def _chunks(model_id: str, pieces: Iterator) -> Iterator[dict]:
-    from mlflow_slmops.deployment.runtime import ChatResult
+    from mlflow_slmops.deploy.foundry_local.runtime import ChatResult
 
     base = {"id": chat.completion_id(), "object": "chat.completion.chunk", "created": int(time.time()),
             "model": model_id}
@@ -504,7 +505,7 @@ def run_local(target, name, model_uri, flavor=None, config=None) -> None:
 
 @_friendly
 def _serve(target, name, model_uri, flavor, config) -> None:
-    from mlflow_slmops.deployment import runtime
+    from mlflow_slmops.deploy.foundry_local import runtime
 
     client = FoundryLocalDeploymentClient(target)
     _check_flavor(flavor)

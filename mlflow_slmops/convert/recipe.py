@@ -1,0 +1,131 @@
+"""The recipe: which Olive passes build a variant, as a table keyed by the quantization algorithm, and the
+Olive workflow config (also written beside each variant as ``olive_config.json``, which replays the build)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Callable
+
+from mlflow_slmops.convert import architectures
+from mlflow_slmops.genai import modeldir
+from mlflow_slmops.variants import VariantSpec
+
+# Bump when the recipe below changes what a spec builds, so old cache entries stop matching.
+# 2: architectures.BUILDER_FIXES (Phi, Phi-3 LongRoPE, Nemotron, Gemma 2 and 3, OLMo, SmolLM3, GPT-OSS).
+RECIPE_VERSION = 2
+# The graph output onnxruntime-genai looks up; RTN and HQQ rename it to logits_Q4 / logits_Q8.
+LOGITS = "logits"
+# Olive's engine verbosity: 3 = errors only.
+OLIVE_LOG_LEVEL = 3
+TOOL_PACKAGES = ("olive-ai", "onnxruntime-genai", "onnxruntime")
+# Where `olive run --config olive_config.json` writes, relative to the folder it is run from.
+REPRODUCE_OUTPUT_DIR = "olive-output"
+
+
+def tool_versions() -> dict[str, str]:
+    found = {}
+    for pkg in TOOL_PACKAGES:
+        try:
+            found[pkg] = version(pkg)
+        except PackageNotFoundError:
+            found[pkg] = "missing"
+    return found
+
+
+_EXTERNAL = {"save_as_external_data": True}
+
+
+@dataclass(frozen=True)
+class AlgoRecipe:
+    """How one weight-only quantization algorithm turns the fp32 export into a variant."""
+
+    quantize: Callable[[VariantSpec, int], dict]  # (spec, bits) -> the Olive quantization pass
+    renames_logits: bool = False  # the pass renames the logits output to logits_Q<bits>: put the name back
+    leaves_unused_weights: bool = False  # the pass leaves the replaced fp32 weights in the graph: drop them
+
+
+ALGO_RECIPES: dict[str, AlgoRecipe] = {
+    "rtn": AlgoRecipe(
+        lambda spec, bits: {"type": "OnnxBlockWiseRtnQuantization", "bits": bits, "block_size": spec.block_size,
+                            "is_symmetric": spec.is_symmetric, "accuracy_level": spec.accuracy_level, **_EXTERNAL},
+        renames_logits=True),
+    "k_quant": AlgoRecipe(
+        lambda spec, bits: {"type": "OnnxKQuantQuantization", "bits": bits, "block_size": spec.block_size,
+                            "accuracy_level": spec.accuracy_level, **_EXTERNAL}),
+    # Olive 0.13's HQQ pass is 4-bit only and leaves the replaced fp32 weights in the graph (the model ends up
+    # larger than fp32).
+    "hqq": AlgoRecipe(
+        lambda spec, bits: {"type": "OnnxHqqQuantization", "block_size": spec.block_size,
+                            "accuracy_level": spec.accuracy_level, **_EXTERNAL},
+        renames_logits=True, leaves_unused_weights=True),
+}
+
+
+def olive_passes(spec: VariantSpec) -> dict:
+    """The Olive passes that build one variant, in order.
+
+    fp32 and fp16 come straight from the ModelBuilder pass. int8 and int4 start from the same fp32
+    ModelBuilder export (shared through Olive's cache) and quantize it with the Olive ONNX pass of their
+    algorithm (``ALGO_RECIPES``). RTN and HQQ rename the lm_head output from ``logits`` to ``logits_Q<bits>``;
+    onnxruntime-genai looks the output up by name, so a GraphSurgeries/RenameOutputs pass puts the name back.
+    """
+    builder = {"type": "ModelBuilder", "precision": "fp16" if spec.precision == "fp16" else "fp32",
+               **spec.builder_options}
+    passes: dict = {"builder": builder}
+    if spec.precision not in ("int8", "int4"):
+        return passes
+    bits = 8 if spec.precision == "int8" else 4
+    recipe = ALGO_RECIPES[spec.algo]
+    passes["quantize"] = recipe.quantize(spec, bits)
+    if recipe.renames_logits:
+        passes["keep_logits_name"] = {
+            "type": "GraphSurgeries",
+            "surgeries": [{"surgeon": "RenameOutputs", "old_names": [f"{LOGITS}_Q{bits}"], "new_names": [LOGITS]}],
+            # Renaming adds no initializers; skipping the dedup saves hashing every weight again.
+            "remove_duplicate_initializers": False,
+            **_EXTERNAL,
+        }
+    if recipe.leaves_unused_weights:
+        # onnxscript's optimizer drops unused initializers. Logits are unchanged.
+        passes["drop_unused_weights"] = {"type": "OnnxPeepholeOptimizer", "onnxscript_optimize": True,
+                                         "onnxoptimizer_optimize": False, "fuse_reshape_operations": False,
+                                         **_EXTERNAL}
+    return passes
+
+
+def olive_config(model_dir: str | Path, spec: VariantSpec, output_dir: str, cache_dir: str | None,
+                 trust_remote_code: bool = False) -> dict:
+    """One variant's Olive workflow config; with ``cache_dir=None`` Olive uses ./.olive-cache."""
+    input_model: dict = {"type": "HfModel", "model_path": str(Path(model_dir).resolve())}
+    if trust_remote_code:
+        input_model["load_kwargs"] = {"trust_remote_code": True}
+    passes = olive_passes(spec)
+    fixes = architectures.fixes_for(modeldir.read_json_or_empty(Path(model_dir) / "config.json"))
+    if fixes:  # named in the export's own options: this file says so, and Olive's cache keys on it
+        builder = passes["builder"]
+        builder["extra_options"] = {**builder.get("extra_options", {}), architectures.FIXES_OPTION: ",".join(fixes)}
+    config = {
+        "input_model": input_model,
+        "systems": {"local": {"type": "LocalSystem", "accelerators": [
+            {"device": spec.device, "execution_providers": [spec.ort_provider]}]}},
+        "passes": passes,
+        "host": "local",
+        "target": "local",
+        "output_dir": output_dir,
+        "log_severity_level": OLIVE_LOG_LEVEL,
+    }
+    if cache_dir is not None:
+        config["cache_dir"] = cache_dir
+    return config
+
+
+def reproduction_config(model_dir: str | Path, spec: VariantSpec, trust_remote_code: bool = False) -> dict:
+    """The olive_config.json written beside a variant: run from any folder with ``olive run --config``,
+    it writes the same model to ``./olive-output/<variant>`` with Olive's default cache ``./.olive-cache``."""
+    return olive_config(model_dir, spec, f"{REPRODUCE_OUTPUT_DIR}/{spec.name}", None, trust_remote_code)
+
+
+def pass_chain(spec: VariantSpec) -> str:
+    return " → ".join(p["type"] for p in olive_passes(spec).values())

@@ -1,0 +1,88 @@
+"""The package reads as the data flow: one adapter per external system, measurements free of MLflow, and the
+flat layout's import paths still working."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+PACKAGE = ROOT / "mlflow_slmops"
+
+
+def _imported_roots(path: Path) -> set[str]:
+    """Top-level module names a source file imports, at any depth (lazy imports inside functions included)."""
+    roots = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            roots |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            roots.add(node.module.split(".")[0])
+    return roots
+
+
+def _importers(root: str) -> set[str]:
+    return {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if root in _imported_roots(p)}
+
+
+def test_olive_is_imported_only_by_the_olive_adapter():
+    assert _importers("olive") == {"convert/olive/__init__.py", "convert/olive/speedups.py"}
+
+
+def test_foundry_local_sdk_is_imported_only_by_the_runtime_module():
+    assert _importers("foundry_local_sdk") == {"deploy/foundry_local/runtime.py"}
+
+
+def test_measurements_and_conversion_import_no_mlflow():
+    stages = ("measure/", "convert/", "genai/")
+    assert sorted(p for p in _importers("mlflow") if p.startswith(stages)) == []
+
+
+@pytest.mark.parametrize("old, new", [
+    ("mlflow_slmops.modeldir", "mlflow_slmops.genai.modeldir"),
+    ("mlflow_slmops.quality", "mlflow_slmops.measure.quality"),
+    ("mlflow_slmops.olive_speedups", "mlflow_slmops.convert.olive.speedups"),
+    ("mlflow_slmops.deployment", "mlflow_slmops.deploy.foundry_local"),
+    ("mlflow_slmops.deployment.cache", "mlflow_slmops.deploy.foundry_local.cache"),
+])
+def test_a_moved_module_keeps_its_old_import_path_as_the_same_module(old, new):
+    assert importlib.import_module(old) is importlib.import_module(new)
+
+
+def test_monkeypatching_the_old_path_reaches_the_code_that_uses_it(monkeypatch):
+    from mlflow_slmops.genai import modeldir
+
+    old = importlib.import_module("mlflow_slmops.modeldir")
+    monkeypatch.setattr(old, "GENAI_CONFIG", "patched.json")
+    assert modeldir.GENAI_CONFIG == "patched.json"
+
+
+def test_the_deployment_entry_point_loads_the_foundry_local_target():
+    (ep,) = [e for e in entry_points(group="mlflow.deployments") if e.name == "foundry-local"]
+    target = ep.load()
+    assert target is importlib.import_module("mlflow_slmops.deploy.foundry_local")
+    assert callable(target.run_local) and callable(target.target_help)
+
+
+def test_an_unknown_module_under_an_old_path_still_fails_to_import():
+    out = subprocess.run([sys.executable, "-c", "import mlflow_slmops.deployment.nothing_here"],
+                         capture_output=True, text=True, cwd=str(ROOT))
+    assert out.returncode != 0 and "ModuleNotFoundError" in out.stderr
+
+
+def test_every_algorithm_a_spec_may_name_has_a_recipe_and_nothing_else_does():
+    from mlflow_slmops import variants
+    from mlflow_slmops.convert import recipe
+
+    assert set(recipe.ALGO_RECIPES) == set(variants.ALGOS)
+    for algo in variants.ALGOS:
+        bits = 4 if algo == "hqq" else 8
+        spec = variants.VariantSpec("v", f"int{bits}", algo=algo)
+        assert recipe.olive_passes(spec)["quantize"] == recipe.ALGO_RECIPES[algo].quantize(spec, bits)
