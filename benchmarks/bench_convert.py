@@ -6,19 +6,18 @@ does not pay for the writeback of the run before it. Peak RSS two ways: wait4's
 (the largest single process among it and its descendants) and the process tree's summed RSS, sampled every
 50 ms; the memory goal uses the tree's, since the sweep validates one variant while it builds the next:
 
-- **sweep**: `convert_variants(fp32,int8,int4,int4-b128-asym)`, one process, in-process Olive workflows
-  sharing one Olive cache, each variant validated (loads, generates). This is `slmops convert`, and the
-  conversion stage of `slmops sweep`, which converts every variant through it before measuring any;
-- **slmops sweep, conversion stage**: the real `slmops sweep` CLI on the same four (tiny measurement settings,
-  `--no-source-check`), timed by the sweep run's own `conversion_s` metric: the conversion stage apart from
-  the measurements (the row's wall time includes both);
-- **sweep, no overlap**: the same four through `convert_variant` one after another, each validated before
-  the next build starts (what the sweep did before it overlapped validation with the next build);
-- **sweep, stock Olive code**: the sweep with `SLMOPS_OLIVE_SPEEDUPS=0`, so Olive runs unpatched (the same
+- **slmops convert**: `convert_variants(fp32,int8,int4,int4-b128-asym)`, one process, in-process Olive
+  workflows sharing one Olive cache, each variant validated (loads, generates): what `slmops convert` runs;
+- **slmops sweep, whole run**: the real `slmops sweep` CLI on the same four (tiny measurement settings,
+  `--no-source-check`); its conversion stage, which goes through the same `convert_variants` before any
+  measurement, is the sweep run's own `conversion_s` metric (the row's wall time includes the measurements);
+- **slmops convert, no overlap**: the same four through `convert_variant` one after another, each validated before
+  the next build starts (what the sweep did before it converted through `convert_variants`);
+- **slmops convert, stock Olive code**: with `SLMOPS_OLIVE_SPEEDUPS=0`, so Olive runs unpatched (the same
   weights, bit for bit; see mlflow_slmops/convert/olive/speedups.py);
-- **sweep, heap trimmed**: the sweep with `MALLOC_TRIM_THRESHOLD_` at glibc's default, so the converter leaves
+- **slmops convert, heap trimmed**: with `MALLOC_TRIM_THRESHOLD_` at glibc's default, so the converter leaves
   glibc's heap policy alone and trims after each variant (what it did before it kept the freed heap for reuse);
-- **sweep, cached**: the same sweep again with the same cache into a new output folder;
+- **slmops convert, cached**: the same again with the same cache into a new output folder;
 - **single**: our converter on one variant at a time (fresh cache each): the largest one is the memory reference;
 - **olive auto-opt**: `olive auto-opt --use_model_builder --precision fp32|int4`; int4-b128-asym is the same
   auto-opt workflow (saved with `--save_config_file --dry_run`) with `int4_block_size: 128` and
@@ -26,10 +25,10 @@ does not pay for the writeback of the run before it. Peak RSS two ways: wait4's
   for it; the dry run is not timed);
 - **bare builder**: `python -m onnxruntime_genai.models.builder` for the same three.
 
-Goals (issue 3): sweep <= 0.6 x the three standalone Olive runs; cached sweep < 5% of the first sweep;
-sweep peak tree RSS <= 1.2 x the largest single conversion's.
+Goals (issue 3): slmops convert <= 0.6 x the three standalone Olive runs; cached < 5% of the first;
+its peak tree RSS <= 1.2 x the largest single conversion's.
 
-With --ablate, the sweep also runs once without each of the Olive speed-ups in turn (convert/olive/speedups.py PATCHES).
+With --ablate, slmops convert also runs once without each of the Olive speed-ups in turn (convert/olive/speedups.py PATCHES).
 
 With --repeat N, every run is made N times (rounds, interleaved); the tables give the median time of each.
 
@@ -235,26 +234,26 @@ def measure_round(model: Path, work: Path, ablate: bool) -> dict[str, dict]:
                                                work / f"cache-single-{preset}", f"single {preset}")
         drop(work / f"single-{preset}", work / f"cache-single-{preset}")
     rows["sweep_serial"] = our_convert(model, SWEEP_VARIANTS, work / "sweep-serial", work / "cache-serial",
-                                       "sweep, no overlap", mode="serial")
+                                       "slmops convert, no overlap", mode="serial")
     drop(work / "sweep-serial", work / "cache-serial")
     rows["sweep_stock"] = our_convert(model, SWEEP_VARIANTS, work / "sweep-stock", work / "cache-stock",
-                                      "sweep, stock Olive code", env={SPEEDUPS_ENV: "0"})
+                                      "slmops convert, stock Olive code", env={SPEEDUPS_ENV: "0"})
     drop(work / "sweep-stock", work / "cache-stock")
     rows["sweep_trimmed"] = our_convert(model, SWEEP_VARIANTS, work / "sweep-trimmed", work / "cache-trimmed",
-                                        "sweep, heap trimmed", env={"MALLOC_TRIM_THRESHOLD_": str(128 * 1024)})
+                                        "slmops convert, heap trimmed", env={"MALLOC_TRIM_THRESHOLD_": str(128 * 1024)})
     drop(work / "sweep-trimmed", work / "cache-trimmed")
     rows["real_sweep"] = real_sweep(model, work / "real-sweep", work / "cache-real-sweep",
-                                    "slmops sweep (4 variants)")
+                                    "slmops sweep, whole run (4 variants)")
     drop(work / "real-sweep", work / "cache-real-sweep")
     rows["sweep"] = our_convert(model, SWEEP_VARIANTS, work / "sweep", work / "cache-sweep",
-                                "sweep: convert_variants (4 variants)")
+                                "slmops convert: convert_variants (4 variants)")
     rows["sweep_cached"] = our_convert(model, SWEEP_VARIANTS, work / "sweep-again", work / "cache-sweep",
-                                       "sweep, cached")
+                                       "slmops convert, cached")
     drop(work / "sweep", work / "sweep-again", work / "cache-sweep")
     if ablate:  # the sweep once without each speed-up, to show what each is worth
         for patch in PATCHES:
             rows[f"without:{patch}"] = our_convert(model, SWEEP_VARIANTS, work / "sweep-ablate",
-                                                   work / "cache-ablate", f"sweep without {patch}", left_out=patch)
+                                                   work / "cache-ablate", f"slmops convert without {patch}", left_out=patch)
             drop(work / "sweep-ablate", work / "cache-ablate")
     return rows
 
@@ -322,39 +321,39 @@ def markdown(res: dict) -> str:
                             for k, v in rows["sweep"]["variants"].items())
     lines += [
         "",
-        f"Sweep, per variant (including validation; first round): {per_variant}.",
+        f"slmops convert, per variant (including validation; first round): {per_variant}.",
         "",
-        "Speed ratio (sweep / the three Olive runs) in each round: "
+        "Speed ratio (slmops convert / the three Olive runs) in each round: "
         f"{', '.join(f'{x:.2f}' for x in res['speed_ratio_each_round'])}.",
         "",
         "| Ratio | Measured | Goal | Met |",
         "|---|---:|---:|---|",
-        f"| sweep / (olive fp32 + int4 + int4-b128-asym) = {rows['sweep']['seconds']:.0f} / "
+        f"| slmops convert / (olive fp32 + int4 + int4-b128-asym) = {rows['sweep']['seconds']:.0f} / "
         f"{res['olive_sum_s']:.0f} s | {r['sweep_vs_olive_sum']:.2f} | ≤ {TARGET_SPEED_RATIO} | "
         f"{'yes' if res['goals_met']['speed'] else 'no'} |",
         f"| slmops sweep's conversion stage (`conversion_s`) / (the same three Olive runs) = "
         f"{rows['real_sweep']['conversion_s']:.0f} / {res['olive_sum_s']:.0f} s | "
         f"{r['real_sweep_conversion_vs_olive_sum']:.2f} | ≤ {TARGET_SPEED_RATIO} | - |",
-        f"| slmops sweep's conversion stage / sweep (convert_variants alone) = "
+        f"| slmops sweep's conversion stage / slmops convert = "
         f"{rows['real_sweep']['conversion_s']:.0f} / {rows['sweep']['seconds']:.0f} s | "
         f"{r['real_sweep_conversion_vs_sweep']:.2f} | - | - |",
-        f"| sweep / sweep without overlap = {rows['sweep']['seconds']:.0f} / {rows['sweep_serial']['seconds']:.0f} s | "
+        f"| slmops convert / the same without overlap = {rows['sweep']['seconds']:.0f} / {rows['sweep_serial']['seconds']:.0f} s | "
         f"{r['sweep_vs_no_overlap']:.2f} | - | - |",
-        f"| sweep / sweep on stock Olive code = {rows['sweep']['seconds']:.0f} / "
+        f"| slmops convert / the same on stock Olive code = {rows['sweep']['seconds']:.0f} / "
         f"{rows['sweep_stock']['seconds']:.0f} s | {r['sweep_vs_stock_olive_code']:.2f} | - | - |",
-        f"| sweep / sweep with the heap trimmed after each variant = {rows['sweep']['seconds']:.0f} / "
+        f"| slmops convert / the same with the heap trimmed after each variant = {rows['sweep']['seconds']:.0f} / "
         f"{rows['sweep_trimmed']['seconds']:.0f} s | {r['sweep_vs_heap_trimmed']:.2f} | - | - |",
-        f"| sweep / bare builder (same three) = {rows['sweep']['seconds']:.0f} / {res['builder_sum_s']:.0f} s | "
+        f"| slmops convert / bare builder (same three) = {rows['sweep']['seconds']:.0f} / {res['builder_sum_s']:.0f} s | "
         f"{r['sweep_vs_builder_sum']:.2f} | - | - |",
-        f"| cached sweep / first sweep | {r['cached_vs_sweep']:.3f} | < {TARGET_CACHED_RATIO} | "
+        f"| slmops convert cached / first | {r['cached_vs_sweep']:.3f} | < {TARGET_CACHED_RATIO} | "
         f"{'yes' if res['goals_met']['cached'] else 'no'} |",
-        f"| sweep peak tree RSS / largest single conversion = {rows['sweep']['peak_tree_rss_mb']:.0f} / "
+        f"| slmops convert peak tree RSS / largest single conversion = {rows['sweep']['peak_tree_rss_mb']:.0f} / "
         f"{res['largest_single_rss_mb']:.0f} MB | {r['sweep_rss_vs_largest_single']:.2f} | ≤ {TARGET_RSS_RATIO} | "
         f"{'yes' if res['goals_met']['memory'] else 'no'} |",
     ]
     left_out = {k.split(":", 1)[1]: row for k, row in rows.items() if k.startswith("without:")}
     if left_out:
-        lines += ["", "| Sweep without this speed-up | Wall s | / full sweep |", "|---|---:|---:|"]
+        lines += ["", "| slmops convert without this speed-up | Wall s | / with all |", "|---|---:|---:|"]
         lines += [f"| {patch} | {row['seconds']:.1f} | {row['seconds'] / rows['sweep']['seconds']:.2f} |"
                   for patch, row in left_out.items()]
     return "\n".join(lines) + "\n"
