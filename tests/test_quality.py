@@ -78,6 +78,31 @@ def test_fp32_against_itself_gives_zero_kl_and_full_top1_agreement(genai_qwen_fp
     assert result.chunks == 4 and result.tokens_scored == 4 * 63
 
 
+def test_fp32_as_its_own_baseline_is_loaded_once(genai_qwen_fp32, small_qa, monkeypatch):
+    def second_load(*_args):
+        raise AssertionError("the baseline was loaded a second time")
+
+    monkeypatch.setattr(quality, "_load_baseline", second_load)
+    result = quality.evaluate(genai_qwen_fp32, qa_path=small_qa, baseline_dir=genai_qwen_fp32, config=FEW_CHUNKS)
+    assert result.kl_div == 0.0 and result.top1_agreement == 1.0
+
+
+def test_a_self_comparison_runs_one_forward_pass_per_chunk_and_equals_two_separate_loads(genai_qwen_fp32,
+                                                                                          monkeypatch):
+    model = GenaiModel(genai_qwen_fp32)
+    ids = [int(t) for t in model.tokenizer.encode(quality.read_eval_text(quality._default_paths(None, None)[0]))]
+    chunks = quality.text_chunks(ids, 64, 3, "eval text")
+    separate = quality.score_text(model.model, chunks, GenaiModel(genai_qwen_fp32).model)
+    passes = []
+    real = quality.chunk_logits
+    monkeypatch.setattr(quality, "chunk_logits", lambda m, c: passes.append(m) or real(m, c))
+    shared = quality.score_text(model.model, chunks, model.model)
+    assert len(passes) == len(chunks)
+    assert (shared.kl_div, shared.top1_agreement, shared.perplexity) == \
+        (separate.kl_div, separate.top1_agreement, separate.perplexity)
+    assert shared.baseline_perplexity == shared.perplexity
+
+
 def test_int4_differs_from_fp32_and_every_quality_metric_is_logged(int4_vs_fp32):
     got = int4_vs_fp32.metrics()
     assert set(got) == set(metrics.QUALITY_METRICS)

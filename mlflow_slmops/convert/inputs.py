@@ -4,6 +4,7 @@ memo), the conversion cache folder and the default output folder keyed by the mo
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -45,6 +46,7 @@ UNSUPPORTED_HINT = "convert a decoder-only causal LM the onnxruntime-genai 0.14 
 _DIVERGENCE_WARNED: set[str] = set()
 
 
+@functools.cache  # the installed builder does not change in a process; it is asked once per variant
 def supported_architectures() -> tuple[str, ...]:
     """Decoder architectures the installed onnxruntime-genai builder converts, read from its own source."""
     import importlib.util

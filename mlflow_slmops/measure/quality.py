@@ -562,7 +562,8 @@ def score_text(model: Any, chunks: list[list[int]], baseline: Any = None,
     Args:
         model: an ``onnxruntime_genai.Model``.
         chunks: token id chunks from ``text_chunks`` (the source reference's chunks when a source is given).
-        baseline: the baseline ``onnxruntime_genai.Model`` (same tokenizer), or None.
+        baseline: the baseline ``onnxruntime_genai.Model`` (same tokenizer), or None; ``model`` itself for a
+            self-comparison, which reuses each chunk's one forward pass.
         on_chunk: called with (chunks done, chunks total).
         source: a ``source_ref.SourceReference`` built over the same chunks, or None.
     """
@@ -581,7 +582,9 @@ def score_text(model: Any, chunks: list[list[int]], baseline: Any = None,
         if baseline is None:
             nll -= float((got["logp"] if tally is not None else scorer.own(logits, chunk)).sum(dtype=np.float64))
         else:
-            got = scorer.compare(logits, _same_vocab(chunk_logits(baseline, chunk), logits, "baseline's"), chunk)
+            # The fp32 variant is its own baseline: its one forward pass serves both sides.
+            base_logits = logits if baseline is model else chunk_logits(baseline, chunk)
+            got = scorer.compare(logits, _same_vocab(base_logits, logits, "baseline's"), chunk)
             nll -= float(got["logp"].sum(dtype=np.float64))
             base_nll -= float(got["base_logp"].sum(dtype=np.float64))
             kl_sum += float(got["kl"].sum(dtype=np.float64))
@@ -708,7 +711,10 @@ def evaluate(model_dir: str | Path, text_path: str | Path | None = None, qa_path
     source = _open_source(source_ref, chunks, model_dir) if source_ref is not None else None
     # Probes first: if one kills the process, run_evaluate restarts without it and loses nothing else.
     probe_rows = _run_probes(gm, probes, on_progress, on_probe)
-    base_model = _load_baseline(baseline_dir, text, ids) if baseline_dir is not None else None
+    if baseline_dir is not None and Path(baseline_dir).resolve() == Path(model_dir).resolve():
+        base_model = gm.model  # fp32 against itself: loaded once, not twice (a 3B fp32 model is 12 GB)
+    else:
+        base_model = _load_baseline(baseline_dir, text, ids) if baseline_dir is not None else None
     scores = score_text(gm.model, chunks, base_model, _task(on_progress, "perplexity chunks"), source)
     del base_model  # free the baseline before generating answers
     qa_rows = answer_qa(gm, items, config.qa_max_new_tokens, _task(on_progress, "QA questions"))
