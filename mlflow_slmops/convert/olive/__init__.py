@@ -117,8 +117,10 @@ def run(config: dict, log_path: Path) -> list[tuple[Path, Path]]:
     from olive.workflows import run as olive_run
 
     deferred: list[tuple[Path, Path]] = []
-    with speedups.speedups(), architectures.builder_fixes(), _deferred_output_copy(deferred), \
-            _captured_output(log_path):
+    # The capture first: the builder fixes import onnxruntime-genai's builder, which imports onnxruntime's
+    # quantizer, which calls logging.basicConfig(level=INFO); the capture puts the root logger back as found.
+    with _captured_output(log_path), speedups.speedups(), architectures.builder_fixes(), \
+            _deferred_output_copy(deferred):
         olive_run(config)
     return deferred
 
