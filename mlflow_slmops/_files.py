@@ -36,6 +36,21 @@ def write_json_atomic(path: str | Path, data: Any, default: Callable[[Any], Any]
         tmp.unlink(missing_ok=True)
 
 
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write bytes under a unique temporary name beside ``path``, fsynced, then rename them into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def link_or_copy(src: Path, dst: Path) -> str:
     """Hardlink src to dst; else a copy-on-write clone; else a copy. Returns "hardlink", "reflink" or "copy".
 

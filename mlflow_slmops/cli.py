@@ -125,7 +125,7 @@ def _cell(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-SWEEP_TABLE_COLUMNS = ["variant", "status", "size_mb", "compression_ratio", "decode_tok_s", "ttft_ms",
+SWEEP_TABLE_COLUMNS = ["variant", "status", "size_mb", "bits_per_weight", "compression_ratio", "decode_tok_s", "ttft_ms",
                        "peak_rss_mb", "ppl_delta_pct", "kl_div", "src_kl_mean", "src_kl_max", "src_top1_agreement",
                        "qa_accuracy"]
 
@@ -140,6 +140,9 @@ SWEEP_TABLE_COLUMNS = ["variant", "status", "size_mb", "compression_ratio", "dec
 @click.option("--cache-dir", default=None, callback=_blank_to_none, help="Conversion cache (default ~/.cache/mlflow-slmops).")
 @click.option("--text", default=None, callback=_blank_to_none, help="Perplexity text file (default: bundled).")
 @click.option("--qa", default=None, callback=_blank_to_none, help="QA JSONL file (default: bundled).")
+@click.option("--calibration", default=None, callback=_blank_to_none,
+              help="Calibration text of the calibrated variants (int4-gptq, int4-e8, int4-mixed): plain text or a "
+                   "QA JSONL file, never the evaluation text or QA file (default: bundled).")
 @click.option("--prompt-len", type=WholeNumber(), default=128, show_default=True)
 @click.option("--gen-len", type=WholeNumber(), default=32, show_default=True)
 @click.option("--repeats", type=WholeNumber(), default=5, show_default=True)
@@ -152,7 +155,7 @@ SWEEP_TABLE_COLUMNS = ["variant", "status", "size_mb", "compression_ratio", "dec
 @click.option("--resume", "resume_run_id", default=None, help="Complete an earlier sweep run: measure only what is missing.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @friendly_errors
-def sweep_cmd(model, variants, variants_file, output, cache_dir, text, qa, prompt_len, gen_len, repeats,
+def sweep_cmd(model, variants, variants_file, output, cache_dir, text, qa, calibration, prompt_len, gen_len, repeats,
               trust_remote_code, no_source_check, source_check_value, resume_run_id, quiet) -> None:
     """Convert, measure and log every variant under one MLflow sweep run."""
     from mlflow_slmops import sweep
@@ -162,7 +165,8 @@ def sweep_cmd(model, variants, variants_file, output, cache_dir, text, qa, promp
     req = None if resume_run_id else sweep.SweepRequest(
         model=model, variants=variants, variants_file=variants_file, output=output, cache_dir=cache_dir,
         text=text, qa=qa, prompt_len=prompt_len, gen_len=gen_len, repeats=repeats,
-        trust_remote_code=trust_remote_code, source_check=source_check_value and not no_source_check)
+        trust_remote_code=trust_remote_code, source_check=source_check_value and not no_source_check,
+        calibration=calibration)
     result = sweep.run_sweep(req, resume_run_id=resume_run_id, progress=not quiet, echo=click.echo,
                              warn=functools.partial(click.echo, err=True))
     _print_table(result.table, SWEEP_TABLE_COLUMNS)
@@ -186,25 +190,30 @@ def sweep_cmd(model, variants, variants_file, output, cache_dir, text, qa, promp
 @click.option("--max-ppl-delta-pct", type=float, default=5.0, show_default=True,
               help="Largest perplexity increase over fp32 allowed, in percent.")
 @click.option("--min-qa-accuracy", type=float, default=None, help="Smallest QA accuracy allowed (0 to 1).")
-@click.option("--objective", type=click.Choice(["decode_tok_s", "size_mb", "ttft_ms"]), default="decode_tok_s",
-              show_default=True, help="What the champion is best at among those that meet the constraints.")
+@click.option("--objective", type=click.Choice(["decode_tok_s", "size_mb", "ttft_ms", "quality"]),
+              default="decode_tok_s", show_default=True,
+              help="What the champion is best at among those that meet the constraints; quality: the lowest "
+                   "src_kl_mean (closest to the Hugging Face model) within --max-size-mb.")
+@click.option("--max-size-mb", type=float, default=None,
+              help="Largest variant size allowed, in MB (the size budget; required by --objective quality; 0: none).")
 @click.option("--allow-export-mismatch", is_flag=True,
               help="Promote from a sweep whose fp32 export differs from the Hugging Face model (tagged "
                    "slmops.export_mismatch=true); refused without it.")
 @friendly_errors
-def promote_cmd(sweep_run_id, name, alias, max_ppl_delta_pct, min_qa_accuracy, objective,
+def promote_cmd(sweep_run_id, name, alias, max_ppl_delta_pct, min_qa_accuracy, objective, max_size_mb,
                 allow_export_mismatch) -> None:
     """Register the sweep's champion in the Model Registry and set an alias on it."""
     import pandas as pd
 
     from mlflow_slmops import promote
 
-    constraints = promote.Constraints(max_ppl_delta_pct, min_qa_accuracy or None, objective)
+    constraints = promote.Constraints(max_ppl_delta_pct, min_qa_accuracy or None, objective, max_size_mb or None)
     result = promote.promote(sweep_run_id, name, alias, constraints, allow_export_mismatch=allow_export_mismatch)
     _print_table(pd.DataFrame([c.row() for c in result.candidates]),
-                 ["variant", "accepted", "chosen", "decode_tok_s", "size_mb", "ppl_delta_pct", "qa_accuracy", "reason"])
-    click.echo(f"Champion: {result.champion.variant} ({constraints.objective} "
-               f"{result.champion.metrics.get(constraints.objective, float('nan')):.4g}) "
+                 ["variant", "accepted", "chosen", "decode_tok_s", "size_mb", "bits_per_weight", "src_kl_mean",
+                  "ppl_delta_pct", "qa_accuracy", "reason"])
+    click.echo(f"Champion: {result.champion.variant} ({constraints.metric} "
+               f"{result.champion.metrics.get(constraints.metric, float('nan')):.4g}) "
                f"-> {result.name} version {result.version}, alias @{result.alias}")
     click.echo(f"Model URI: {result.model_uri}")
 
@@ -222,12 +231,16 @@ def promote_cmd(sweep_run_id, name, alias, max_ppl_delta_pct, min_qa_accuracy, o
 @click.option("--cache-dir", default=None, callback=_blank_to_none,
               help="Conversion cache (default $SLMOPS_CACHE_DIR or ~/.cache/mlflow-slmops).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow models that need custom code (off by default).")
+@click.option("--calibration", default=None, callback=_blank_to_none,
+              help="Calibration text of the calibrated variants (int4-gptq, int4-e8, int4-mixed): plain text or a "
+                   "QA JSONL file (default: bundled).")
 @click.option("--copy", "copy_files", is_flag=True,
               help="Copy files from the cache instead of hardlinking them (for tools such as onnx.load that "
                    "refuse hardlinked external data).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @friendly_errors
-def convert_cmd(model, variants, output, variants_file, cache_dir, trust_remote_code, copy_files, quiet) -> None:
+def convert_cmd(model, variants, output, variants_file, cache_dir, trust_remote_code, calibration, copy_files,
+                quiet) -> None:
     """Convert a Hugging Face model into ONNX Runtime GenAI variants with Olive, one folder per variant."""
     from rich.console import Console
 
@@ -243,7 +256,7 @@ def convert_cmd(model, variants, output, variants_file, cache_dir, trust_remote_
         output = convert.default_output_dir(model, cache_dir)
     results = convert.convert_variants(model, specs, output, cache_dir=cache_dir,
                                        trust_remote_code=trust_remote_code, progress=not quiet,
-                                       link=not copy_files)
+                                       link=not copy_files, calibration=calibration)
     Console(width=200).print(convert.results_table(results))
     if not any(r.status == convert.STATUS_OK for r in results):
         causes = {r.error for r in results}

@@ -9,6 +9,8 @@ from __future__ import annotations
 SIZE_MB = "size_mb"
 COMPRESSION_RATIO = "compression_ratio"
 CONVERT_S = "convert_s"
+# Weight bytes x 8 / the source model's parameter count: quality per byte compares on it across models
+BITS_PER_WEIGHT = "bits_per_weight"
 
 # Speed, at the default prompt length
 TTFT_MS = "ttft_ms"
@@ -48,7 +50,7 @@ CONVERSION_S = "conversion_s"
 # On the sweep run: seconds the source reference took to build (its first build, when reused)
 SOURCE_CHECK_S = "source_check_s"
 
-SIZE_METRICS = (SIZE_MB, COMPRESSION_RATIO, CONVERT_S)
+SIZE_METRICS = (SIZE_MB, COMPRESSION_RATIO, CONVERT_S, BITS_PER_WEIGHT)
 SPEED_METRICS = (TTFT_MS, PREFILL_TOK_S, DECODE_TOK_S, LATENCY_P50_MS, LATENCY_P95_MS)
 MEMORY_METRICS = (PEAK_RSS_MB, RSS_GROWTH_MB, CPU_PERCENT)
 QUALITY_METRICS = (PERPLEXITY, PPL_DELTA_PCT, KL_DIV, TOP1_AGREEMENT, QA_ACCURACY, FORMAT_VALID_RATE, EDGE_CASES_PASSED)
@@ -62,6 +64,9 @@ HIGHER_IS_BETTER = {
     COMPRESSION_RATIO, PREFILL_TOK_S, DECODE_TOK_S, TOP1_AGREEMENT, QA_ACCURACY, FORMAT_VALID_RATE, EDGE_CASES_PASSED,
     SRC_TOP1_AGREEMENT,
 }
+
+# On the sweep run: how many samples the calibrated variants were calibrated on
+CALIBRATION_SAMPLES = "calibration_samples"
 
 # Run tags
 ROLE_TAG = "slmops.role"

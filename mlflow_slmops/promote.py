@@ -13,13 +13,18 @@ from mlflow_slmops import metrics as M
 from mlflow_slmops.errors import SlmopsError
 from mlflow_slmops.track import tracking
 
-OBJECTIVES = (M.DECODE_TOK_S, M.SIZE_MB, M.TTFT_MS)
+# "quality": the lowest src_kl_mean (fidelity to the Hugging Face source) within the size budget --max-size-mb.
+QUALITY_OBJECTIVE = "quality"
+OBJECTIVES = (M.DECODE_TOK_S, M.SIZE_MB, M.TTFT_MS, QUALITY_OBJECTIVE)
+# The metric each objective ranks on.
+OBJECTIVE_METRIC = {M.DECODE_TOK_S: M.DECODE_TOK_S, M.SIZE_MB: M.SIZE_MB, M.TTFT_MS: M.TTFT_MS,
+                    QUALITY_OBJECTIVE: M.SRC_KL_MEAN}
 DEFAULT_OBJECTIVE = M.DECODE_TOK_S
 DEFAULT_ALIAS = "champion"
 DEFAULT_MAX_PPL_DELTA_PCT = 5.0
 # Metrics copied onto the registered version as tags, so the registry page shows why it won.
-VERSION_TAG_METRICS = (M.SIZE_MB, M.DECODE_TOK_S, M.TTFT_MS, M.PPL_DELTA_PCT, M.KL_DIV, M.SRC_KL_MEAN,
-                       M.QA_ACCURACY, M.PEAK_RSS_MB)
+VERSION_TAG_METRICS = (M.SIZE_MB, M.BITS_PER_WEIGHT, M.DECODE_TOK_S, M.TTFT_MS, M.PPL_DELTA_PCT, M.KL_DIV,
+                       M.SRC_KL_MEAN, M.QA_ACCURACY, M.PEAK_RSS_MB)
 
 
 @dataclass(frozen=True)
@@ -29,14 +34,26 @@ class Constraints:
     max_ppl_delta_pct: float | None = DEFAULT_MAX_PPL_DELTA_PCT
     min_qa_accuracy: float | None = None
     objective: str = DEFAULT_OBJECTIVE
+    max_size_mb: float | None = None
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise SlmopsError(f"objective {self.objective!r} is not supported", f"use one of {', '.join(OBJECTIVES)}")
-        for key in ("max_ppl_delta_pct", "min_qa_accuracy"):
+        for key in ("max_ppl_delta_pct", "min_qa_accuracy", "max_size_mb"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, (int, float)) or math.isnan(value)):
                 raise SlmopsError(f"{key} is {value!r}, expected a number", f"pass --{key.replace('_', '-')} N")
+        if self.max_size_mb is not None and self.max_size_mb <= 0:
+            raise SlmopsError(f"max_size_mb is {self.max_size_mb:g}, expected a size above 0 MB",
+                              "pass --max-size-mb with the largest model size you can ship, e.g. 400")
+        if self.objective == QUALITY_OBJECTIVE and self.max_size_mb is None:
+            raise SlmopsError("objective quality needs a size budget: without one the largest variant (fp32) "
+                              "is always the most faithful", "pass --max-size-mb N with --objective quality")
+
+    @property
+    def metric(self) -> str:
+        """The metric the objective ranks on (quality: src_kl_mean, lower is better)."""
+        return OBJECTIVE_METRIC[self.objective]
 
 
 @dataclass
@@ -79,8 +96,14 @@ def judge(candidate: Candidate, constraints: Constraints, build_only: bool) -> N
     elif build_only:
         reasons.append("build-only on this machine (not measured)")
     else:
-        if constraints.objective not in m:
-            reasons.append(f"no {constraints.objective}")
+        if constraints.metric not in m:
+            reasons.append(f"no {constraints.metric}")
+        if constraints.max_size_mb is not None:
+            size = m.get(M.SIZE_MB)
+            if size is None:
+                reasons.append(f"no {M.SIZE_MB}")
+            elif size > constraints.max_size_mb:
+                reasons.append(f"{M.SIZE_MB} {size:.4g} > {constraints.max_size_mb:g}")
         if constraints.max_ppl_delta_pct is not None:
             delta = m.get(M.PPL_DELTA_PCT)
             if delta is None:
@@ -104,6 +127,8 @@ def _shortfall(c: Candidate, constraints: Constraints) -> float:
         gap += max(0.0, m[M.PPL_DELTA_PCT] - constraints.max_ppl_delta_pct) / max(abs(constraints.max_ppl_delta_pct), 1.0)
     if constraints.min_qa_accuracy is not None and M.QA_ACCURACY in m:
         gap += max(0.0, constraints.min_qa_accuracy - m[M.QA_ACCURACY]) / max(constraints.min_qa_accuracy, 1e-9)
+    if constraints.max_size_mb is not None and M.SIZE_MB in m:
+        gap += max(0.0, m[M.SIZE_MB] - constraints.max_size_mb) / constraints.max_size_mb
     return gap
 
 
@@ -117,10 +142,11 @@ def choose(candidates: list[Candidate], constraints: Constraints) -> Candidate:
         closest = min(measured, key=lambda c: _shortfall(c, constraints))
         raise SlmopsError(
             f"no variant meets the constraints; the closest is {closest.variant} ({'; '.join(closest.reasons)})",
-            "relax --max-ppl-delta-pct / --min-qa-accuracy or add variants to the sweep",
+            "relax --max-ppl-delta-pct / --min-qa-accuracy / --max-size-mb or add variants to the sweep",
         )
-    sign = 1 if constraints.objective in M.HIGHER_IS_BETTER else -1
-    best = max(accepted, key=lambda c: (sign * c.metrics[constraints.objective], -c.metrics.get(M.KL_DIV, math.inf)))
+    metric = constraints.metric
+    sign = 1 if metric in M.HIGHER_IS_BETTER else -1
+    best = max(accepted, key=lambda c: (sign * c.metrics[metric], -c.metrics.get(M.KL_DIV, math.inf)))
     best.chosen = True
     return best
 

@@ -57,6 +57,8 @@ class SweepRequest:
     trust_remote_code: bool = False
     # Score every variant against the Hugging Face model itself (run once more, in PyTorch).
     source_check: bool = True
+    # Calibration text (plain text or QA JSONL) of the calibrated variants; None: the packaged default.
+    calibration: str | None = None
 
     def params(self) -> dict[str, str]:
         return {k: "" if v is None else str(v) for k, v in asdict(self).items()}
@@ -238,8 +240,11 @@ def measure_variant(output_dir: str, req: SweepRequest, baseline_dir: str | None
 def _variant_params(spec, conv) -> dict[str, str]:
     d = spec.to_dict()
     params = {"variant": spec.name}
-    for key in ("precision", "block_size", "is_symmetric", "algo", "accuracy_level", "execution_provider", "device"):
+    for key in ("precision", "block_size", "is_symmetric", "algo", "accuracy_level", "execution_provider", "device",
+                "embeds_bits", "mixed_precision"):
         params[key] = "" if d.get(key) is None else str(d.get(key))
+    if conv.calibration is not None:
+        params.update({"calibration_file": conv.calibration.source, "calibration_sha256": conv.calibration.sha256})
     return {**params, **tool_versions(), **machine_fingerprint()}
 
 
@@ -359,7 +364,7 @@ def run_sweep(req: SweepRequest | None = None, *, resume_run_id: str | None = No
     if req is None:
         raise SlmopsError("no sweep to run", "pass --model, or --resume with a sweep run ID")
     specs = _resolve_specs(req)
-    note = _check_inputs(req)
+    note = _check_inputs(req, specs)
     if note:
         warn(f"Warning: {note}")
     if req.output is None:
@@ -411,7 +416,7 @@ def _guard_export(req: SweepRequest, table, outcomes: list[VariantOutcome], pare
     return mismatch
 
 
-def _check_inputs(req: SweepRequest) -> str | None:
+def _check_inputs(req: SweepRequest, specs: list) -> str | None:
     """Bad input shared by every variant fails here, before a sweep run exists (no partial output). Returns a
     known divergence of this architecture's export to tell the user, if any."""
     from mlflow_slmops import convert
@@ -427,6 +432,11 @@ def _check_inputs(req: SweepRequest) -> str | None:
         quality.read_eval_text(req.text)
     if req.qa:
         quality.load_qa(req.qa)
+    if req.calibration or any(s.calibrated for s in specs):
+        from mlflow_slmops import calibration, data
+
+        calibration.check_disjoint(req.calibration, req.text or data.path(data.EVAL_TEXT),
+                                   req.qa or data.path(data.QA_FILE))
     return architectures.check_convertible(config)
 
 
@@ -460,13 +470,18 @@ def _sweep_variants(req, specs, existing, parent_id, progress, echo) -> list[Var
     spool = Spool(Path(req.output) / SPOOL_DIRNAME / parent_id)
     resume_hint = (f"run `slmops sweep --resume {parent_id}` when the tracking server is back "
                    f"(spool: {spool.root})")
+    calibration = convert.calibration_for(specs, req.calibration, convert.check_cache_dir(req.cache_dir))
+    if calibration is not None:
+        with_retry("the calibration data", lambda: _log_calibration(req, calibration, echo), resume_hint)
     started = time.perf_counter()
     convs = convert.convert_variants(req.model, specs, req.output, cache_dir=req.cache_dir,
-                                     trust_remote_code=req.trust_remote_code, progress=progress)
+                                     trust_remote_code=req.trust_remote_code, progress=progress,
+                                     calibration=calibration)
     conversion_s = time.perf_counter() - started
     with_retry("the conversion time", lambda: mlflow.log_metric(M.CONVERSION_S, conversion_s), resume_hint)
     for conv in convs:
         echo(f"  {conv.spec.name}: {conv.status} -> {conv.output_dir or conv.error}")
+    parameters = _parameter_count(req.model)
     baseline = next((c for c in convs if c.spec.name == BASELINE_VARIANT and c.status == "ok"), None)
     baseline_dir, baseline_size = (baseline.output_dir, baseline.size_bytes) if baseline else (None, None)
     outcomes: list[VariantOutcome] = []
@@ -478,9 +493,36 @@ def _sweep_variants(req, specs, existing, parent_id, progress, echo) -> list[Var
                 outcomes.append(_outcome_from_run(prior, spec))
             else:
                 outcomes.append(_run_one(req, spec, conv, baseline_dir, baseline_size, spool,
-                                         prior.info.run_id if prior else None, resume_hint, bar, source_ref))
+                                         prior.info.run_id if prior else None, resume_hint, bar, source_ref,
+                                         parameters))
             bar.advance()
     return outcomes
+
+
+def _log_calibration(req: SweepRequest, calibration, echo: Callable[[str], None]) -> None:
+    """Name the calibration data on the sweep run: its file, stored copy, sha256, and the samples Olive sees."""
+    import mlflow
+
+    from mlflow_slmops import calibration as calibration_module
+
+    samples = calibration_module.count_samples(calibration, req.model, req.trust_remote_code)
+    echo(f"  calibration: {calibration.source} ({samples} samples of up to {calibration_module.SAMPLE_TOKENS} "
+         f"tokens, sha256 {calibration.sha256[:12]}) -> {calibration.path}")
+    logged = mlflow.MlflowClient().get_run(mlflow.active_run().info.run_id).data.params
+    params = {"calibration_file": calibration.source, "calibration_copy": calibration.path,
+              "calibration_sha256": calibration.sha256}
+    mlflow.log_params({k: v for k, v in params.items() if k not in logged})  # a --resume logged them already
+    mlflow.log_metric(M.CALIBRATION_SAMPLES, samples)
+
+
+def _parameter_count(model_dir: str) -> int | None:
+    """The source model's parameter count for bits_per_weight; None (no such metric) without safetensors."""
+    from mlflow_slmops.genai import weights
+
+    try:
+        return weights.parameter_count(model_dir)
+    except SlmopsError:
+        return None
 
 
 def _convert_seconds(conv) -> float:
@@ -512,10 +554,14 @@ def _source_reference(req: SweepRequest, parent_id: str, bar, echo: Callable[[st
 
 
 def _run_one(req, spec, conv, baseline_dir, baseline_size, spool, child_id, resume_hint, bar,
-             source_ref: str | None = None) -> VariantOutcome:
+             source_ref: str | None = None, parameters: int | None = None) -> VariantOutcome:
+    from mlflow_slmops.genai import weights
+
     size_metrics = {}
     if conv.status == "ok":
         size_metrics = {M.SIZE_MB: conv.size_bytes / 2**20, M.CONVERT_S: _convert_seconds(conv)}
+        if parameters:
+            size_metrics[M.BITS_PER_WEIGHT] = weights.bits_per_weight(conv.output_dir, parameters)
         if baseline_size:
             size_metrics[M.COMPRESSION_RATIO] = baseline_size / conv.size_bytes
     measured = spool.read(spec.name)

@@ -18,19 +18,29 @@ from mlflow_slmops import errors
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 QUANTIZED_PRECISIONS = ("int8", "int4")
-ALGOS = ("rtn", "k_quant", "hqq")
-# Which algorithms can produce which bit width (hqq is 4-bit only in Olive 0.13).
-ALGOS_FOR_PRECISION = {"int8": ("rtn", "k_quant"), "int4": ("rtn", "k_quant", "hqq")}
+ALGOS = ("rtn", "k_quant", "hqq", "gptq")
+# Which algorithms can produce which bit width (hqq is 4-bit only in Olive 0.13; gptq is offered for int4).
+ALGOS_FOR_PRECISION = {"int8": ("rtn", "k_quant"), "int4": ("rtn", "k_quant", "hqq", "gptq")}
 # Algorithms whose weights always carry zero points (asymmetric).
 ASYMMETRIC_ONLY_ALGOS = ("k_quant", "hqq")
+# Algorithms that run over the PyTorch model on calibration text (Olive's Gptq pass) before the export.
+CALIBRATED_ALGOS = ("gptq",)
+# embeds_bits: the bit width the embeddings and lm_head keep when the body is int4 (Olive's Rtn pass, 8 bits).
+EMBEDS_BITS = (8,)
+# mixed_precision: Olive's SelectiveMixedPrecision rule that picks the layers kept at 8 bits. kld_gradient and the
+# other measured scores are left out: Olive 0.13 scores them on wikitext from the Hugging Face hub, whatever the
+# calibration data (docs/variants.md).
+MIXED_PRECISION_RULES = ("k_quant_mixed", "k_quant_last", "k_quant_down")
 # MatMulNBits block sizes: a power of two, at least 16 (the builder accepts 16..256).
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 # MatMulNBits accuracy_level: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations.
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 DEFAULT_BLOCK_SIZE = 32
 DEFAULT_ACCURACY_LEVEL = 4
-# The variants a sweep builds unless told otherwise; MLproject's `variants` defaults repeat it (a test holds them equal).
-DEFAULT_VARIANTS = "fp32,int8,int4,int4-b128-asym"
+# The variants a sweep builds unless told otherwise: the reference, int8, plain int4 and the best int4 recipe per
+# byte measured on the demo model (docs/variants.md#the-default-variant-list). MLproject's `variants` defaults
+# repeat it (a test holds them equal).
+DEFAULT_VARIANTS = "fp32,int8,int4,int4-e8"
 EXECUTION_PROVIDERS = ("cpu", "cuda", "dml", "webgpu")
 DEVICES = ("cpu", "gpu")
 # The device each execution provider runs on.
@@ -49,7 +59,9 @@ BUILDER_OPTIONS = (
     "include_hidden_states", "exclude_embeds", "exclude_lm_head", "enable_cuda_graph", "extra_options",
 )
 SPEC_FIELDS = ("name", "precision", "block_size", "is_symmetric", "algo", "accuracy_level",
-               "execution_provider", "device", "builder_options")
+               "execution_provider", "device", "builder_options", "embeds_bits", "mixed_precision")
+# Fields added after the first release: left out of a spec's key while unset, so older cache entries still match.
+OPTIONAL_KEY_FIELDS = ("embeds_bits", "mixed_precision")
 # A variant name becomes a folder name and an MLflow run name.
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 _VARIANTS_FILE_HINT = (
@@ -95,6 +107,10 @@ class VariantSpec:
         execution_provider: cpu, cuda, dml or webgpu: what the builder targets.
         device: cpu or gpu; derived from the execution provider when left out.
         builder_options: extra options of Olive's ModelBuilder pass, e.g. ``{"exclude_embeds": true}``.
+        embeds_bits: int4 only, rtn or gptq: keep the embeddings and lm_head at this many bits (8), tied
+            embeddings staying tied.
+        mixed_precision: int4 only, rtn or gptq: an Olive SelectiveMixedPrecision rule (``k_quant_mixed``...)
+            choosing the layers kept at 8 bits.
 
     Example:
         >>> VariantSpec(name="int4-b64", precision="int4", block_size=64).algo
@@ -110,6 +126,8 @@ class VariantSpec:
     execution_provider: str = "cpu"
     device: str | None = None
     builder_options: dict = field(default_factory=dict)
+    embeds_bits: int | None = None
+    mixed_precision: str | None = None
 
     def __post_init__(self) -> None:
         self._check_name()
@@ -121,6 +139,7 @@ class VariantSpec:
         else:
             self._check_float()
         self._check_builder_options()
+        self._check_pytorch_options()
 
     def _set(self, key: str, value: Any) -> None:
         object.__setattr__(self, key, value)  # normalizing defaults in a frozen dataclass
@@ -187,6 +206,30 @@ class VariantSpec:
         if unknown:
             raise _bad("builder_options key", unknown[0], BUILDER_OPTIONS, self.name)
 
+    def _check_pytorch_options(self) -> None:
+        for key, valid in (("embeds_bits", EMBEDS_BITS), ("mixed_precision", MIXED_PRECISION_RULES)):
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if self.precision != "int4" or self.algo not in ("rtn", *CALIBRATED_ALGOS):
+                raise errors.SlmopsError(
+                    f"variant {self.name!r}: {key} applies to int4 variants with algo rtn or gptq, "
+                    f"not {self.precision} {self.algo or ''}".rstrip(),
+                    f"remove {key}, or set precision: int4 and algo: gptq",
+                )
+            if isinstance(value, bool) or value not in valid:
+                raise _bad(key, value, valid, self.name)
+
+    @property
+    def calibrated(self) -> bool:
+        """True when the variant is built from calibration text (GPTQ): the sweep's --calibration."""
+        return self.algo in CALIBRATED_ALGOS
+
+    @property
+    def pytorch_recipe(self) -> bool:
+        """True when Olive quantizes the PyTorch model before the export (GPTQ, int8 embeddings, mixed bits)."""
+        return self.calibrated or self.embeds_bits is not None or self.mixed_precision is not None
+
     @property
     def build_only(self) -> bool:
         """True when this machine cannot run the variant's execution provider (e.g. cuda without a GPU)."""
@@ -233,8 +276,13 @@ def spec_key(spec: VariantSpec) -> str:
         >>> spec_key(PRESETS["int4"]) == spec_key(VariantSpec("my-int4", "int4"))
         True
     """
-    body = {k: v for k, v in spec.to_dict().items() if k != "name"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(key_body(spec), sort_keys=True).encode()).hexdigest()
+
+
+def key_body(spec: VariantSpec) -> dict:
+    """Every field but the name, with the later optional fields left out while unset (see OPTIONAL_KEY_FIELDS)."""
+    return {k: v for k, v in spec.to_dict().items()
+            if k != "name" and not (k in OPTIONAL_KEY_FIELDS and v is None)}
 
 
 PRESETS: dict[str, VariantSpec] = {
@@ -247,6 +295,14 @@ PRESETS: dict[str, VariantSpec] = {
                                accuracy_level=4),
     "int4-hqq": VariantSpec("int4-hqq", "int4", block_size=32, is_symmetric=False, algo="hqq", accuracy_level=4),
     "fp16-cuda": VariantSpec("fp16-cuda", "fp16", execution_provider="cuda"),
+    # Calibrated on the user's text (--calibration): GPTQ over the PyTorch model, then the builder's export.
+    "int4-gptq": VariantSpec("int4-gptq", "int4", block_size=32, is_symmetric=False, algo="gptq", accuracy_level=4),
+    # The shape of Olive's published Qwen3-0.6B CPU recipe: GPTQ int4 body, embeddings and lm_head at int8.
+    "int4-e8": VariantSpec("int4-e8", "int4", block_size=32, is_symmetric=False, algo="gptq", accuracy_level=4,
+                           embeds_bits=8),
+    # ...and the layers llama.cpp's k_quant_mixed rule picks (first and last eighth, every third) at int8 too.
+    "int4-mixed": VariantSpec("int4-mixed", "int4", block_size=32, is_symmetric=False, algo="gptq",
+                              accuracy_level=4, embeds_bits=8, mixed_precision="k_quant_mixed"),
 }
 
 

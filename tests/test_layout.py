@@ -33,7 +33,8 @@ def _importers(root: str) -> set[str]:
 
 
 def test_olive_is_imported_only_by_the_olive_adapter():
-    assert _importers("olive") == {"convert/olive/__init__.py", "convert/olive/speedups.py"}
+    assert _importers("olive") == {"convert/olive/__init__.py", "convert/olive/speedups.py",
+                                   "convert/olive/calibration_data.py"}
 
 
 def test_foundry_local_sdk_is_imported_only_by_the_runtime_module():
@@ -81,8 +82,13 @@ def test_every_algorithm_a_spec_may_name_has_a_recipe_and_nothing_else_does():
     from mlflow_slmops import variants
     from mlflow_slmops.convert import recipe
 
-    assert set(recipe.ALGO_RECIPES) == set(variants.ALGOS)
-    for algo in variants.ALGOS:
+    onnx_algos = [a for a in variants.ALGOS if a not in variants.CALIBRATED_ALGOS]
+    assert set(recipe.ALGO_RECIPES) == set(onnx_algos)
+    for algo in onnx_algos:
         bits = 4 if algo == "hqq" else 8
         spec = variants.VariantSpec("v", f"int{bits}", algo=algo)
         assert recipe.olive_passes(spec)["quantize"] == recipe.ALGO_RECIPES[algo].quantize(spec, bits)
+    # A calibrated algorithm quantizes the PyTorch model before the export instead (recipe.pytorch_passes).
+    for algo in variants.CALIBRATED_ALGOS:
+        spec = variants.VariantSpec("v", "int4", algo=algo, is_symmetric=False)
+        assert recipe.olive_passes(spec, {"name": "calibration"})[algo]["type"] == "Gptq"

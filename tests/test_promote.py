@@ -83,3 +83,34 @@ def test_promote_cli_prints_champion_and_fails_cleanly(sweep_id):
     assert_one_line_error(bad, "no variant meets the constraints", "closest is fp32")
     missing = slmops("promote", "--sweep-run-id", "0" * 32, "--name", "bot")
     assert_one_line_error(missing, "was not found")
+
+
+def _log_source_kl(sweep_id: str, kl: dict[str, float]) -> None:
+    from mlflow_slmops.sweep import variant_runs
+
+    client = mlflow.MlflowClient()
+    for run in variant_runs(client, sweep_id):
+        name = run.data.tags[M.VARIANT_TAG]
+        if name in kl:
+            client.log_metric(run.info.run_id, M.SRC_KL_MEAN, kl[name])
+
+
+def test_quality_objective_picks_the_lowest_source_kl_within_the_size_budget(sweep_id):
+    _log_source_kl(sweep_id, {"fp32": 1e-12, "int8": 1e-4, "int4": 1e-2, "int4-b128-asym": 3e-2})
+    budget = promote.promote(sweep_id, "q1", constraints=promote.Constraints(
+        max_ppl_delta_pct=None, objective="quality", max_size_mb=30))
+    assert budget.champion.variant == "int4"  # fp32 and int8 are over 30 MB; int4's KL is below int4-b128-asym's
+    reasons = {c.variant: c.reasons for c in budget.candidates}
+    assert reasons["int8"] == ["size_mb 40 > 30"]
+    wider = promote.promote(sweep_id, "q2", constraints=promote.Constraints(
+        max_ppl_delta_pct=None, objective="quality", max_size_mb=50))
+    assert wider.champion.variant == "int8"
+    cli = slmops("promote", "--sweep-run-id", sweep_id, "--name", "q3", "--objective", "quality",
+                 "--max-size-mb", "30", "--max-ppl-delta-pct", "100")
+    assert cli.returncode == 0, cli.stderr
+    assert "Champion: int4 (src_kl_mean 0.01)" in cli.stdout
+
+
+def test_quality_objective_without_a_size_budget_is_refused(sweep_id):
+    proc = slmops("promote", "--sweep-run-id", sweep_id, "--name", "q", "--objective", "quality")
+    assert_one_line_error(proc, "objective quality needs a size budget", "--max-size-mb")

@@ -21,8 +21,9 @@ from tests.helpers import assert_one_line_error, slmops
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "variants.md"
 
 
-def test_presets_are_the_seven_documented_names():
-    assert list(PRESETS) == ["fp32", "int8", "int4", "int4-b128-asym", "int4-kquant", "int4-hqq", "fp16-cuda"]
+def test_presets_are_the_ten_documented_names():
+    assert list(PRESETS) == ["fp32", "int8", "int4", "int4-b128-asym", "int4-kquant", "int4-hqq", "fp16-cuda",
+                             "int4-gptq", "int4-e8", "int4-mixed"]
     for name, spec in PRESETS.items():
         assert spec.name == name
 
@@ -52,7 +53,7 @@ def test_every_preset_round_trips_through_a_dict(spec):
 @pytest.mark.parametrize("field,value,choices", [
     ("precision", "int3", "fp32, fp16, int8, int4"),
     ("block_size", 100, "16, 32, 64, 128, 256"),
-    ("algo", "gptq", "rtn, k_quant, hqq"),
+    ("algo", "awq", "rtn, k_quant, hqq, gptq"),
     ("accuracy_level", 7, "0, 1, 2, 3, 4"),
     ("execution_provider", "tpu", "cpu, cuda, dml, webgpu"),
     ("device", "npu", "cpu, gpu"),

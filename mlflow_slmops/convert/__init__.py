@@ -36,6 +36,7 @@ from mlflow_slmops.convert.pipeline import (
     STATUS_FAILED,
     STATUS_OK,
     ConversionResult,
+    calibration_for,
     convert_variant,
     convert_variants,
     results_table,
@@ -52,7 +53,7 @@ from mlflow_slmops.convert.validate import validate_genai_dir
 
 __all__ = [
     "CACHE_ENV", "ENTRY_MANIFEST", "OLIVE_CONFIG_FILE", "PARTIAL_TAG", "RECIPE_VERSION", "STAGES", "STATUS_FAILED",
-    "STATUS_OK", "ConversionResult", "check_cache_dir", "check_hf_model_dir", "complete_entry", "convert_variant",
+    "STATUS_OK", "ConversionResult", "calibration_for", "check_cache_dir", "check_hf_model_dir", "complete_entry", "convert_variant",
     "convert_variants", "default_cache_dir", "default_output_dir", "entry_key", "input_model_hash", "olive_config",
     "olive_passes", "own_this_process", "release_memory", "reproduction_config", "results_table",
     "supported_architectures", "tool_versions", "validate_genai_dir",

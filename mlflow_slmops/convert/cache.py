@@ -22,7 +22,7 @@ from mlflow_slmops import errors
 from mlflow_slmops._files import link_or_copy
 from mlflow_slmops.convert import recipe
 from mlflow_slmops.genai import modeldir
-from mlflow_slmops.variants import VariantSpec
+from mlflow_slmops.variants import VariantSpec, key_body
 
 # An output folder is assembled as ".<variant>.partial-<pid>-<random>" beside its place, then renamed in.
 PARTIAL_TAG = ".partial-"
@@ -38,11 +38,14 @@ ENTRY_MANIFEST = "slmops_entry.json"
 WORK_PID_SEP = "-"
 
 
-def entry_key(input_hash: str, spec: VariantSpec, trust_remote_code: bool = False) -> str:
-    """The cache key of one variant: input content, spec (its name aside), tool versions, recipe."""
-    spec_body = {k: v for k, v in spec.to_dict().items() if k != "name"}
-    body = {"input": input_hash, "spec": spec_body, "versions": recipe.tool_versions(), "recipe": recipe.RECIPE_VERSION,
-            "trust_remote_code": trust_remote_code}
+def entry_key(input_hash: str, spec: VariantSpec, trust_remote_code: bool = False,
+              calibration_sha256: str | None = None) -> str:
+    """The cache key of one variant: input content, spec (its name aside), tool versions, recipe, and for a
+    calibrated variant the calibration text's sha256."""
+    body = {"input": input_hash, "spec": key_body(spec), "versions": recipe.tool_versions(),
+            "recipe": recipe.RECIPE_VERSION, "trust_remote_code": trust_remote_code}
+    if spec.calibrated:
+        body["calibration"] = calibration_sha256
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 

@@ -32,7 +32,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from mlflow_slmops import calibration as calibration_module
 from mlflow_slmops import errors
+from mlflow_slmops.calibration import Calibration
 from mlflow_slmops.convert import cache, inputs, olive, process, recipe, validate
 from mlflow_slmops.genai import modeldir
 from mlflow_slmops.variants import VariantSpec
@@ -68,6 +70,7 @@ class ConversionResult:
     cached: bool
     build_only: bool
     build_s: float | None = None  # how long the Olive build of this variant took, now or when it was cached
+    calibration: Calibration | None = None  # the calibration text a calibrated (GPTQ) variant was built from
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -94,6 +97,7 @@ class _Job:
     deferred: list = field(default_factory=list)  # Olive's output copies into work/model, still to make
     build_s: float | None = None
     key_lock: cache.KeyLock | None = None  # held from the build until the entry is stored: each entry built once
+    calibration: Calibration | None = None  # the calibration text of a calibrated (GPTQ) variant
 
 
 def _look_up_or_build(job: _Job) -> None:
@@ -102,7 +106,7 @@ def _look_up_or_build(job: _Job) -> None:
     dirs.make()
     job.stage(STAGES[0])
     job.key = cache.entry_key(inputs.input_model_hash(job.model_dir, dirs.root, on_new_file=olive.import_in_background),
-                        job.spec, job.trust_remote_code)
+                        job.spec, job.trust_remote_code, job.calibration.sha256 if job.calibration else None)
     if _reuse_entry(job):
         return
     try:
@@ -136,7 +140,8 @@ def _olive_build(job: _Job) -> None:
             try:
                 job.stage(f"olive {recipe.pass_chain(spec)}")
                 start = time.perf_counter()
-                config = recipe.olive_config(job.model_dir, spec, str(built), str(dirs.olive), job.trust_remote_code)
+                config = recipe.olive_config(job.model_dir, spec, str(built), str(dirs.olive), job.trust_remote_code,
+                                             job.calibration)
                 job.deferred = olive.run(config, log_path)
                 job.build_s = time.perf_counter() - start
                 if not any((src / modeldir.GENAI_CONFIG).is_file() for src, _ in job.deferred) and \
@@ -159,11 +164,12 @@ def _store_entry(job: _Job, cancel: threading.Event | None) -> dict:
     """Make Olive's deferred output copies, validate the variant and store it as cache entry <key> by one rename."""
     built = job.work / "model"
     job.stage("validate")
-    olive.finish_copies(job.deferred, link=len(recipe.olive_passes(job.spec)) > 1)  # more than the builder: a final model
+    olive.finish_copies(job.deferred, link=len(recipe.olive_passes(job.spec, {})) > 1)  # more than the builder: a final model
     validate.clean_genai_dir(built)
     validation, weights_sha256 = validate.validate_genai_dir(built, job.spec, cancel)
     manifest = {"key": job.key, "spec": job.spec.to_dict(), "build_s": job.build_s, "validation": validation,
-                "weights_sha256": weights_sha256, "versions": recipe.tool_versions(), "input_model": str(job.model_dir)}
+                "weights_sha256": weights_sha256, "versions": recipe.tool_versions(), "input_model": str(job.model_dir),
+                "calibration": job.calibration.to_dict() if job.calibration else None}
     (built / cache.ENTRY_MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     os.rename(built, job.dirs.entry(job.key))
     return manifest
@@ -190,7 +196,7 @@ def _finish(job: _Job, cancel: threading.Event | None = None) -> ConversionResul
         validate.raise_if_cancelled(cancel)
         job.stage(STAGES[3])
         created = cache.make_parents(final.parent)
-        olive_cfg = recipe.reproduction_config(job.model_dir, job.spec, job.trust_remote_code)
+        olive_cfg = recipe.reproduction_config(job.model_dir, job.spec, job.trust_remote_code, job.calibration)
         if final.exists():
             if not cache.same_model(job.dirs.entry(job.key), final, job.manifest["weights_sha256"]) or \
                     modeldir.read_json_or_empty(final / cache.OLIVE_CONFIG_FILE) != olive_cfg:
@@ -209,7 +215,7 @@ def _finish(job: _Job, cancel: threading.Event | None = None) -> ConversionResul
     return ConversionResult(job.spec, STATUS_OK, str(final), None, time.perf_counter() - job.start,
                             modeldir.dir_size_bytes(final), job.manifest["weights_sha256"],
                             str(final / cache.OLIVE_CONFIG_FILE), job.cached, job.spec.build_only,
-                            job.manifest.get("build_s"))
+                            job.manifest.get("build_s"), job.calibration)
 
 
 def _failed(spec: VariantSpec, error: str, start: float) -> ConversionResult:
@@ -230,7 +236,8 @@ def _error_text(exc: BaseException) -> str:
 @process.environment_as_found
 def convert_variant(model_dir: str | Path, spec: VariantSpec, output_dir: str | Path, *,
                     cache_dir: str | Path | None, trust_remote_code: bool = False,
-                    on_stage: Callable[[str], None] | None = None, link: bool = True) -> ConversionResult:
+                    on_stage: Callable[[str], None] | None = None, link: bool = True,
+                    calibration: str | Path | Calibration | None = None) -> ConversionResult:
     """Convert one variant of a Hugging Face model into the genai folder ``output_dir``.
 
     A cached variant is hardlinked from the cache without running Olive. A failure of this variant
@@ -248,6 +255,8 @@ def convert_variant(model_dir: str | Path, spec: VariantSpec, output_dir: str | 
         link: hardlink the files from the cache (instant, no extra disk). onnx.load and onnx_ir refuse
             external data with several links, so pass False for real copies if you will read the
             folder with them (onnxruntime and onnxruntime-genai do not mind).
+        calibration: the calibration text of a calibrated (GPTQ) variant: a text or QA JSONL file, or a
+            ``Calibration``; None for the packaged default (``calibration.prepare``).
 
     Raises:
         SlmopsError: only for input every variant shares: the model folder, or an output path that is a file.
@@ -259,6 +268,7 @@ def convert_variant(model_dir: str | Path, spec: VariantSpec, output_dir: str | 
     """
     stage = on_stage or (lambda _name: None)
     job = _new_job(model_dir, spec, output_dir, cache_dir, trust_remote_code, link, stage)
+    job.calibration = calibration_for([spec], calibration, job.dirs.root)
     try:
         with olive.sigint_noted(), process.heap_reused_between_variants():
             _look_up_or_build(job)
@@ -267,6 +277,17 @@ def convert_variant(model_dir: str | Path, spec: VariantSpec, output_dir: str | 
         return _failed(spec, _error_text(exc), job.start)
     olive.wait_for_import()  # started for a new input that turned out cached (Ctrl-C does not wait for it)
     return _finish(job)
+
+
+def calibration_for(specs: list[VariantSpec], calibration: str | Path | Calibration | None,
+                    cache_root: str | Path | None) -> Calibration | None:
+    """The stored calibration text when any of the specs is calibrated (None: the packaged default), else None."""
+    if not any(s.calibrated for s in specs):
+        return None
+    if isinstance(calibration, Calibration):
+        return calibration
+    root = Path(cache_root) if cache_root else inputs.check_cache_dir(None)
+    return calibration_module.prepare(calibration, root)
 
 
 def _new_job(model_dir, spec: VariantSpec, output_dir, cache_dir, trust_remote_code: bool, link: bool,
@@ -284,7 +305,8 @@ def _new_job(model_dir, spec: VariantSpec, output_dir, cache_dir, trust_remote_c
 @process.environment_as_found
 def convert_variants(model_dir: str | Path, specs: list[VariantSpec], output_dir: str | Path, *,
                      cache_dir: str | Path | None = None, trust_remote_code: bool = False,
-                     progress: bool = True, link: bool = True) -> list[ConversionResult]:
+                     progress: bool = True, link: bool = True,
+                     calibration: str | Path | Calibration | None = None) -> list[ConversionResult]:
     """Convert every variant into ``output_dir/<variant name>/``; one failure never stops the others.
 
     Olive builds one variant at a time in this process; while it builds the next one, a second thread
@@ -298,6 +320,7 @@ def convert_variants(model_dir: str | Path, specs: list[VariantSpec], output_dir
         trust_remote_code: allow models whose config asks to run custom code.
         progress: draw rich progress bars on stderr.
         link: hardlink from the cache (default) or copy; see ``convert_variant``.
+        calibration: the calibration text of the calibrated variants; see ``convert_variant``.
 
     Raises:
         SlmopsError: for bad shared input (the model folder, an output path that is a file), before any work.
@@ -313,7 +336,7 @@ def convert_variants(model_dir: str | Path, specs: list[VariantSpec], output_dir
     from mlflow_slmops.progress import make_progress
 
     inputs.check_hf_model_dir(model_dir, trust_remote_code)
-    inputs.check_cache_dir(cache_dir)
+    cal = calibration_for(specs, calibration, inputs.check_cache_dir(cache_dir))
     root = Path(output_dir).absolute()
     cache.check_output_path(root / "x")
     created = cache.make_parents(root)
@@ -327,6 +350,7 @@ def convert_variants(model_dir: str | Path, specs: list[VariantSpec], output_dir
                     task = bars.add_task(f"{spec.name}: queued", total=len(STAGES))
                     job = _new_job(model_dir, spec, root / spec.name, cache_dir, trust_remote_code, link,
                                    _stage_reporter(bars, task, spec.name))
+                    job.calibration = cal if spec.calibrated else None
                     try:
                         _look_up_or_build(job)
                     except Exception as exc:

@@ -8,6 +8,9 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Callable
 
+from mlflow_slmops import calibration as calibration_module
+from mlflow_slmops import errors
+from mlflow_slmops.calibration import Calibration
 from mlflow_slmops.convert import architectures
 from mlflow_slmops.genai import modeldir
 from mlflow_slmops.variants import VariantSpec
@@ -63,14 +66,18 @@ ALGO_RECIPES: dict[str, AlgoRecipe] = {
 }
 
 
-def olive_passes(spec: VariantSpec) -> dict:
+def olive_passes(spec: VariantSpec, data_config: dict | None = None) -> dict:
     """The Olive passes that build one variant, in order.
 
     fp32 and fp16 come straight from the ModelBuilder pass. int8 and int4 start from the same fp32
     ModelBuilder export (shared through Olive's cache) and quantize it with the Olive ONNX pass of their
     algorithm (``ALGO_RECIPES``). RTN and HQQ rename the lm_head output from ``logits`` to ``logits_Q<bits>``;
     onnxruntime-genai looks the output up by name, so a GraphSurgeries/RenameOutputs pass puts the name back.
+    GPTQ, int8 embeddings and mixed precision quantize the PyTorch model first (``pytorch_passes``);
+    ``data_config`` is the calibration data of a GPTQ variant.
     """
+    if spec.pytorch_recipe:
+        return pytorch_passes(spec, data_config)
     builder = {"type": "ModelBuilder", "precision": "fp16" if spec.precision == "fp16" else "fp32",
                **spec.builder_options}
     passes: dict = {"builder": builder}
@@ -95,13 +102,46 @@ def olive_passes(spec: VariantSpec) -> dict:
     return passes
 
 
+def pytorch_passes(spec: VariantSpec, data_config: dict | None) -> dict:
+    """The shape of Olive's published CPU int4 recipes (Qwen3-0.6B): quantize the PyTorch model, then export it.
+
+    SelectiveMixedPrecision (optional) marks the layers its rule keeps at 8 bits; Gptq (calibrated) or Rtn
+    quantizes the body to int4, those layers to int8; Rtn takes the embeddings and lm_head, at int4 as plain int4
+    does or at ``embeds_bits``; ModelBuilder writes the quantized weights as MatMulNBits and
+    GatherBlockQuantized; TieWordEmbeddings makes a tied lm_head share the quantized embedding instead of
+    holding a second copy (an untied model is left as it is).
+    """
+    layout = {"group_size": spec.block_size, "sym": spec.is_symmetric}
+    passes: dict = {}
+    if spec.mixed_precision:
+        passes["mixed_precision"] = {"type": "SelectiveMixedPrecision", "algorithm": spec.mixed_precision,
+                                     "bits": 4, "high_bits": 8}
+    if spec.calibrated:
+        if data_config is None:
+            raise errors.SlmopsError(f"variant {spec.name!r} is calibrated (algo {spec.algo}) but has no "
+                                     "calibration data", "pass --calibration FILE")
+        passes["gptq"] = {"type": "Gptq", "bits": 4, **layout, "data_config": data_config}
+    else:
+        passes["rtn"] = {"type": "Rtn", "bits": 4, **layout}
+    # Plain int4 (the ONNX RTN pass) quantizes the embeddings and lm_head too: so does every recipe here.
+    passes["embeds"] = {"type": "Rtn", "bits": spec.embeds_bits or 4, **layout, "lm_head": True, "embeds": True}
+    passes["builder"] = {"type": "ModelBuilder", "precision": "int4", "int4_block_size": spec.block_size,
+                         "int4_is_symmetric": spec.is_symmetric, "int4_accuracy_level": spec.accuracy_level,
+                         **spec.builder_options}
+    passes["tie_embeddings"] = {"type": "GraphSurgeries", "surgeries": [{"surgeon": "TieWordEmbeddings"}],
+                                **_EXTERNAL}
+    return passes
+
+
 def olive_config(model_dir: str | Path, spec: VariantSpec, output_dir: str, cache_dir: str | None,
-                 trust_remote_code: bool = False) -> dict:
+                 trust_remote_code: bool = False, calibration: Calibration | None = None) -> dict:
     """One variant's Olive workflow config; with ``cache_dir=None`` Olive uses ./.olive-cache."""
     input_model: dict = {"type": "HfModel", "model_path": str(Path(model_dir).resolve())}
     if trust_remote_code:
         input_model["load_kwargs"] = {"trust_remote_code": True}
-    passes = olive_passes(spec)
+    data_config = (calibration_module.olive_data_config(calibration, model_dir, trust_remote_code)
+                   if spec.calibrated and calibration is not None else None)
+    passes = olive_passes(spec, data_config)
     fixes = architectures.fixes_for(modeldir.read_json_or_empty(Path(model_dir) / "config.json"))
     if fixes:  # named in the export's own options: this file says so, and Olive's cache keys on it
         builder = passes["builder"]
@@ -121,11 +161,14 @@ def olive_config(model_dir: str | Path, spec: VariantSpec, output_dir: str, cach
     return config
 
 
-def reproduction_config(model_dir: str | Path, spec: VariantSpec, trust_remote_code: bool = False) -> dict:
+def reproduction_config(model_dir: str | Path, spec: VariantSpec, trust_remote_code: bool = False,
+                        calibration: Calibration | None = None) -> dict:
     """The olive_config.json written beside a variant: run from any folder with ``olive run --config``,
-    it writes the same model to ``./olive-output/<variant>`` with Olive's default cache ``./.olive-cache``."""
-    return olive_config(model_dir, spec, f"{REPRODUCE_OUTPUT_DIR}/{spec.name}", None, trust_remote_code)
+    it writes the same model to ``./olive-output/<variant>`` with Olive's default cache ``./.olive-cache``.
+    A calibrated variant's config names its calibration text by its stored path and sha256."""
+    return olive_config(model_dir, spec, f"{REPRODUCE_OUTPUT_DIR}/{spec.name}", None, trust_remote_code,
+                        calibration if spec.calibrated else None)
 
 
 def pass_chain(spec: VariantSpec) -> str:
-    return " → ".join(p["type"] for p in olive_passes(spec).values())
+    return " → ".join(p["type"] for p in olive_passes(spec, {}).values())

@@ -6,6 +6,8 @@ from pathlib import Path
 
 EVAL_TEXT = "eval_text.txt"
 QA_FILE = "qa.jsonl"
+# Default calibration text of the calibrated presets (GPTQ): prose unlike EVAL_TEXT, so nothing evaluated leaks in.
+CALIBRATION_TEXT = "calibration_text.txt"
 
 
 def path(name: str) -> Path:

@@ -237,8 +237,9 @@ def check_genai_dir(model_dir: str | Path) -> GenaiDirInfo:
     )
 
 
-def onnx_weight_bytes(model_dir: str | Path) -> int:
-    """Bytes of all initializers of the decoder graph: what one decode step reads from memory."""
+def onnx_weight_bytes(model_dir: str | Path, exclude: tuple[str, ...] = ()) -> int:
+    """Bytes of all initializers of the decoder graph (but those named in ``exclude``): what one decode step
+    reads from memory."""
     import onnx
 
     model_dir = Path(model_dir)
@@ -246,6 +247,8 @@ def onnx_weight_bytes(model_dir: str | Path) -> int:
     model = onnx.load(str(model_dir / cfg["model"]["decoder"]["filename"]), load_external_data=False)
     total = 0
     for init in model.graph.initializer:
+        if init.name in exclude:
+            continue
         if init.data_location == onnx.TensorProto.EXTERNAL:
             info = {e.key: e.value for e in init.external_data}
             total += int(info.get("length", 0))

@@ -20,6 +20,8 @@ PARETO_PLOTS = {
     "pareto_speed_vs_quality.png": (M.DECODE_TOK_S, QUALITY_AXIS),
     # Fidelity to the user's own model: KL against the Hugging Face source, on a log axis.
     "pareto_size_vs_source_kl.png": (M.SIZE_MB, M.SRC_KL_MEAN),
+    # Quality per byte, comparable across models: bits each source parameter costs against that fidelity.
+    "pareto_bits_per_weight_vs_source_kl.png": (M.BITS_PER_WEIGHT, M.SRC_KL_MEAN),
 }
 # Axes drawn on a log scale: KL spans from float rounding (1e-12) to a broken export (1e-1).
 LOG_AXES = {M.SRC_KL_MEAN, M.SRC_KL_MAX, M.SRC_KL_P99, M.SRC_KL_MEDIAN}
