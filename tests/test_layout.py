@@ -33,8 +33,9 @@ def _importers(root: str) -> set[str]:
 
 
 def test_olive_is_imported_only_by_the_olive_adapter():
-    assert _importers("olive") == {"convert/olive/__init__.py", "convert/olive/speedups.py",
-                                   "convert/olive/calibration_data.py"}
+    importers = _importers("olive")
+    assert "convert/olive/__init__.py" in importers
+    assert sorted(p for p in importers if not p.startswith("convert/olive/")) == []
 
 
 def test_foundry_local_sdk_is_imported_only_by_the_runtime_module():

@@ -21,6 +21,7 @@ from pathlib import Path
 from mlflow_slmops import errors
 from mlflow_slmops._files import link_or_copy
 from mlflow_slmops.convert import recipe
+from mlflow_slmops.convert.olive import fixes
 from mlflow_slmops.genai import modeldir
 from mlflow_slmops.variants import VariantSpec, key_body
 
@@ -46,6 +47,8 @@ def entry_key(input_hash: str, spec: VariantSpec, trust_remote_code: bool = Fals
             "recipe": recipe.RECIPE_VERSION, "trust_remote_code": trust_remote_code}
     if spec.calibrated:
         body["calibration"] = calibration_sha256
+    if fixes.fixes_for(spec):  # only the variants a fix changes get a new key
+        body["olive_fixes"] = fixes.fixes_for(spec)
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 

@@ -60,7 +60,9 @@ ALGO_RECIPES: dict[str, AlgoRecipe] = {
     # Olive 0.13's HQQ pass is 4-bit only and leaves the replaced fp32 weights in the graph (the model ends up
     # larger than fp32).
     "hqq": AlgoRecipe(
-        lambda spec, bits: {"type": "OnnxHqqQuantization", "block_size": spec.block_size,
+        # axis 1: blocks of consecutive K, the layout fixes.hqq_matmulnbits_layout writes (a distinct config
+        # also keeps Olive's own run cache from handing back a run of the unfixed pass).
+        lambda spec, bits: {"type": "OnnxHqqQuantization", "block_size": spec.block_size, "axis": 1,
                             "accuracy_level": spec.accuracy_level, **_EXTERNAL},
         renames_logits=True, leaves_unused_weights=True),
 }

@@ -18,7 +18,7 @@ from typing import Iterator
 from mlflow_slmops import errors
 from mlflow_slmops._files import link_or_copy
 from mlflow_slmops.convert import architectures
-from mlflow_slmops.convert.olive import speedups
+from mlflow_slmops.convert.olive import fixes, speedups
 
 OLIVE_TELEMETRY_ENV = "OLIVE_DISABLE_TELEMETRY"
 
@@ -119,7 +119,7 @@ def run(config: dict, log_path: Path) -> list[tuple[Path, Path]]:
     deferred: list[tuple[Path, Path]] = []
     # The capture first: the builder fixes import onnxruntime-genai's builder, which imports onnxruntime's
     # quantizer, which calls logging.basicConfig(level=INFO); the capture puts the root logger back as found.
-    with _captured_output(log_path), speedups.speedups(), architectures.builder_fixes(), \
+    with _captured_output(log_path), speedups.speedups(), fixes.olive_fixes(), architectures.builder_fixes(), \
             _deferred_output_copy(deferred):
         olive_run(config)
     return deferred
