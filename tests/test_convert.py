@@ -404,9 +404,7 @@ def test_failing_variant_is_recorded_and_the_sweep_goes_on(qwen_variants, hf_qwe
 def test_olive_config_reproduces_the_same_weights_with_olive_run(qwen_variants, tmp_path, name):
     result = qwen_variants[name]
     if fixes.fixes_for(result.spec):  # stock Olive 0.13 writes HQQ's broken layout: replay with the fix only
-        cmd = [sys.executable, "-c", "import json, sys; from olive.workflows import run; "
-               "from mlflow_slmops.convert.olive import fixes\nwith fixes.olive_fixes(): run(json.load(open(sys.argv[1])))",
-               result.olive_config_path]
+        cmd = [sys.executable, "-m", "mlflow_slmops.convert.olive.fixes", result.olive_config_path]
     else:
         cmd = [bin_path("olive"), "run", "--config", result.olive_config_path]
     proc = run_cli(cmd, cwd=str(tmp_path), env={"OLIVE_DISABLE_TELEMETRY": "1", "CI": "1"})  # CI: no heartbeat

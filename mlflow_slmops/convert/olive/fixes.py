@@ -55,3 +55,21 @@ def olive_fixes() -> Iterator[None]:
 
     with speedups.patched(OnnxHqqQuantization, "_quantize_internal_numpy", hqq_matmulnbits_layout):
         yield
+
+
+def replay(config_path: str) -> None:
+    """``olive run --config`` with the fixes applied: replays an int4-hqq ``olive_config.json`` to its weights."""
+    import json
+
+    from olive.workflows import run
+
+    with open(config_path, encoding="utf-8") as fh:
+        config = json.load(fh)
+    with olive_fixes():
+        run(config)
+
+
+if __name__ == "__main__":
+    import sys
+
+    replay(sys.argv[1])
