@@ -187,6 +187,7 @@ def _write_model(src, dst, info, weights_sha256, inference_config, signature, in
         conda_env=_CONDA_ENV_FILE_NAME,
         python_env=_PYTHON_ENV_FILE_NAME,
         code=code_dir_subpath,
+        streamable=True,
     )
     mlflow_model.add_flavor(FLAVOR_NAME, **_flavor_conf(info, weights_sha256, inference_config, variant))
     mlflow_model.model_size_bytes = info.size_bytes
@@ -342,6 +343,10 @@ class GenaiModel:
         self.context_length = info.context_length
         self.defaults = {**DEFAULT_INFERENCE_CONFIG, **(inference_config or {})}
         self.chat_template = modeldir.read_chat_template(self.path)
+        ids = modeldir.token_ids(self.path)
+        self.tool_markers = chat.tool_markers(self.chat_template, ids)
+        # Marker tokens are often special, which decoding drops: they are put back by id (see _decode).
+        self._marker_text = {ids[m]: m for m in self.tool_markers or ()}
         try:
             self.model = og.Model(str(self.path))
             self.tokenizer = og.Tokenizer(self.model)
@@ -349,19 +354,42 @@ class GenaiModel:
             raise SlmopsError(f"onnxruntime-genai cannot load {self.path}: {exc}", "re-export the model folder")
         self._lock = threading.Lock()
 
-    def apply_chat_template(self, messages: list[dict]) -> str:
-        chat.check_messages(messages)
+    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        messages = chat.check_messages(messages)
         if self.chat_template is None:
             raise SlmopsError(
                 f"{self.path} has no chat template, so chat input cannot be formatted",
                 f"add {modeldir.CHAT_TEMPLATE_FILE} or a chat_template in {modeldir.TOKENIZER_CONFIG}",
             )
+        extra = {"tools": json.dumps(tools)} if tools else {}
         return self.tokenizer.apply_chat_template(
-            messages=json.dumps(messages), template_str=self.chat_template, add_generation_prompt=True
+            messages=json.dumps(messages), template_str=self.chat_template, add_generation_prompt=True, **extra
         )
+
+    def _decode(self, ids: list[int]) -> str:
+        """Decode, keeping tool-call marker tokens as their text."""
+        if not self._marker_text:
+            return self.tokenizer.decode(ids)
+        parts, run = [], []
+        for t in ids:
+            if t in self._marker_text:
+                parts += [self.tokenizer.decode(run) if run else "", self._marker_text[t]]
+                run = []
+            else:
+                run.append(t)
+        return "".join(parts) + (self.tokenizer.decode(run) if run else "")
 
     def generate(self, prompt: str, **params) -> Generation:
         """Generate a completion for a raw prompt string with the given search params."""
+        pieces = self.generate_stream(prompt, **params)
+        while True:
+            try:
+                next(pieces)
+            except StopIteration as done:
+                return done.value
+
+    def generate_stream(self, prompt: str, **params):
+        """Yield the completion's text as it grows (one piece per token); returns the ``Generation``."""
         import onnxruntime_genai as og
 
         opts = _resolve_params(self.defaults, params)
@@ -384,19 +412,62 @@ class GenaiModel:
         generator = og.Generator(self.model, gp)
         generator.append_tokens(ids)
         out: list[int] = []
+        eos = _eos_ids(self.path)
+        shown = ""
         while not generator.is_done():
             generator.generate_next_token()
             out.append(int(generator.get_next_tokens()[0]))
-        eos = _eos_ids(self.path)
+            if out[-1] not in eos:
+                text = self._decode(out)
+                if len(text) > len(shown) and not text.endswith("\ufffd"):  # a whole character at a time
+                    yield text[len(shown):]
+                    shown = text
         finish = "stop" if out and out[-1] in eos else "length"
         if finish == "stop":
             out = out[:-1]
-        return Generation(self.tokenizer.decode(out), len(ids), len(out) + (finish == "stop"), finish)
+        return Generation(self._decode(out), len(ids), len(out) + (finish == "stop"), finish)
 
-    def chat(self, messages: list[dict], **params) -> dict:
-        """OpenAI-style chat completion for one conversation."""
-        gen = self.generate(self.apply_chat_template(messages), **params)
-        return chat.completion(self.path.name, gen.text, gen.finish_reason, gen.prompt_tokens, gen.completion_tokens)
+    def chat(self, messages: list[dict], tools: list[dict] | None = None, **params) -> dict:
+        """OpenAI-style chat completion for one conversation; with ``tools``, calls come back as ``tool_calls``."""
+        tools = chat.check_tools(tools)
+        gen = self.generate(self.apply_chat_template(messages, tools), **params)
+        return self._completion(gen, tools)
+
+    def _completion(self, gen: Generation, tools: list[dict] | None) -> dict:
+        text, calls = chat.split_tool_calls(gen.text, self.tool_markers if tools else None)
+        return chat.completion(self.path.name, text, gen.finish_reason, gen.prompt_tokens, gen.completion_tokens,
+                               tool_calls=calls)
+
+    def chat_stream(self, messages: list[dict], tools: list[dict] | None = None, **params):
+        """Yield ``chat.completion.chunk`` dicts; a tool call arrives whole, in one chunk, as OpenAI streams it."""
+        tools = chat.check_tools(tools)
+        stream = self.generate_stream(self.apply_chat_template(messages, tools), **params)
+        start = self.tool_markers[0] if tools and self.tool_markers else None
+        state = {"held": "", "sent": "", "gen": None}
+
+        def pieces():
+            while True:
+                try:
+                    state["held"] += next(stream)
+                except StopIteration as done:
+                    state["gen"] = done.value
+                    return
+                held = state["held"]
+                # Text that is, or may become, a tool call is held back until the generation ends.
+                if start is None or not (start.startswith(held.lstrip()) or start in held):
+                    state["sent"] += held
+                    state["held"] = ""
+                    yield held
+
+        def final() -> dict:
+            done = self._completion(state["gen"], tools)
+            message = done["choices"][0]["message"]
+            if not message.get("tool_calls"):
+                rest = state["gen"].text[len(state["sent"]):]
+                message["content"] = rest  # what was held back, sent as the last piece
+            return done
+
+        yield from chat.chunks(self.path.name, pieces(), final)
 
 
 def _eos_ids(genai_dir: Path) -> set[int]:
@@ -439,15 +510,22 @@ class _GenaiPyfuncWrapper:
     def get_raw_model(self) -> GenaiModel:
         return self.genai_model
 
+    def predict_stream(self, data: Any, params: dict | None = None):
+        """Stream one chat as OpenAI ``chat.completion.chunk`` dicts (``mlflow.pyfunc`` ``predict_stream``)."""
+        messages, tools = _stream_input(data)
+        return self.genai_model.chat_stream(messages, tools=tools, **(params or {}))
+
     def predict(self, data: Any, params: dict | None = None) -> Any:
         import pandas as pd
 
         m = self.genai_model
         if isinstance(data, dict) and "messages" in data:
-            return m.chat(data["messages"], **(params or {}))
+            return m.chat(data["messages"], tools=data.get("tools"), **(params or {}))
         if isinstance(data, pd.DataFrame):
             if "messages" in data.columns:
-                return [m.chat(_as_list(msgs), **(params or {})) for msgs in data["messages"]]
+                tools = data["tools"] if "tools" in data.columns else [None] * len(data)
+                return [m.chat(_as_list(msgs), tools=_as_list(t) if t is not None else None, **(params or {}))
+                        for msgs, t in zip(data["messages"], tools)]
             if "prompt" in data.columns:
                 return [m.generate(str(p), **(params or {})).text for p in data["prompt"]]
             if data.shape[1] == 1 and data.dtypes.iloc[0] == object:
@@ -469,6 +547,21 @@ class _GenaiPyfuncWrapper:
             f"cannot read input of type {type(data).__name__}",
             'send {"messages": [...]}, a list of message lists, a list of prompts or a DataFrame with a prompt column',
         )
+
+
+def _stream_input(data: Any) -> tuple[list[dict], list[dict] | None]:
+    import pandas as pd
+
+    if isinstance(data, pd.DataFrame) and "messages" in data.columns and len(data) == 1:
+        row = data.iloc[0]
+        tools = row["tools"] if "tools" in data.columns else None
+        return _as_list(row["messages"]), (_as_list(tools) if tools is not None else None)
+    if isinstance(data, dict) and "messages" in data:
+        return data["messages"], data.get("tools")
+    if isinstance(data, list) and data and all(isinstance(x, dict) and "role" in x for x in data):
+        return data, None
+    raise SlmopsError(f"predict_stream takes one chat, got {type(data).__name__}",
+                      'send {"messages": [...]} (and "tools": [...]) for one conversation')
 
 
 def _as_list(value: Any) -> list:

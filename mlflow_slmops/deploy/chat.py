@@ -12,9 +12,10 @@ Example:
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from mlflow_slmops import errors
 
@@ -23,19 +24,99 @@ MESSAGES_HINT = 'send {"messages": [{"role": "user", "content": "..."}]}'
 ID_HEX_CHARS = 24
 
 
+# Keys a message may carry beyond role and content: an assistant's tool calls, a tool result's call id.
+TOOL_MESSAGE_KEYS = ("tool_calls", "tool_call_id", "name")
+# Tool-call markers of the chat families Foundry Local serves: Qwen2.5/Qwen3/Hermes, Phi-4-mini, Llama 3.1.
+TOOL_MARKERS: tuple[tuple[str, str], ...] = (
+    ("<tool_call>", "</tool_call>"),
+    ("<|tool_call|>", "<|/tool_call|>"),
+    ("<|python_tag|>", "<|eom_id|>"),
+)
+TOOLS_HINT = 'send "tools": [{"type": "function", "function": {"name": "...", "parameters": {...}}}]'
+
+
 def check_messages(messages: Any) -> list[dict]:
     """The messages as plain ``{"role", "content"}`` dicts; a one-line error naming the first bad one.
+
+    An assistant message with ``tool_calls`` may have no content, and a ``tool`` message keeps its
+    ``tool_call_id``: the chat template renders both.
 
     Raises:
         SlmopsError: not a non-empty list, or a message without string ``role`` and ``content``.
     """
     if not isinstance(messages, list) or not messages:
         raise errors.SlmopsError("chat input needs a non-empty list of messages", MESSAGES_HINT)
+    out = []
     for i, msg in enumerate(messages):
-        if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) or not isinstance(msg.get("content"), str):
+        calls = isinstance(msg, dict) and isinstance(msg.get("tool_calls"), list) and msg.get("tool_calls")
+        content_ok = isinstance(msg, dict) and (isinstance(msg.get("content"), str) or
+                                                (calls and msg.get("content") is None))
+        if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) or not content_ok:
             raise errors.SlmopsError(f"message {i} is {msg!r}, expected an object with string 'role' and 'content'",
                                      "fix the message list")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+        clean = {"role": msg["role"], "content": msg.get("content") or ""}
+        clean.update({k: msg[k] for k in TOOL_MESSAGE_KEYS if msg.get(k) is not None})
+        out.append(clean)
+    return out
+
+
+def check_tools(tools: Any) -> list[dict] | None:
+    """OpenAI function tools, checked: each ``{"type": "function", "function": {"name": ..., ...}}``."""
+    if tools is None or (isinstance(tools, list) and not tools):
+        return None
+    if not isinstance(tools, list):
+        raise errors.SlmopsError(f"tools is a {type(tools).__name__}, expected a list", TOOLS_HINT)
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(fn, dict) or tool.get("type") != "function" or not isinstance(fn.get("name"), str):
+            raise errors.SlmopsError(f"tools[{i}] is {tool!r}, expected a function tool with a name", TOOLS_HINT)
+    return tools
+
+
+def tool_markers(template: str | None, token_ids: dict[str, int]) -> tuple[str, str] | None:
+    """The tool-call markers a chat template renders tools with, when both are single tokens."""
+    if not template or "tools" not in template:
+        return None
+    return next(((s, e) for s, e in TOOL_MARKERS if s in template and e in template
+                 and s in token_ids and e in token_ids), None)
+
+
+def _calls_in(body: str) -> list[dict]:
+    """The calls of one marked block: a JSON object or array of objects with name and arguments (or parameters)."""
+    try:
+        value = json.loads(body)
+    except json.JSONDecodeError:
+        return []
+    out = []
+    for call in value if isinstance(value, list) else [value]:
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+            return []
+        args = call.get("arguments", call.get("parameters", {}))
+        out.append({"id": f"call_{uuid.uuid4().hex[:ID_HEX_CHARS]}", "type": "function",
+                    "function": {"name": call["name"],
+                                 "arguments": args if isinstance(args, str) else json.dumps(args)}})
+    return out
+
+
+def split_tool_calls(text: str, markers: tuple[str, str] | None) -> tuple[str, list[dict]]:
+    """The text outside tool-call blocks, and the OpenAI ``tool_calls`` parsed from the blocks.
+
+    An end marker may be missing at the end of the text (generation stopped on it). A block that does not
+    parse stays in the text, as Foundry Local leaves text it cannot read as a call.
+    """
+    if markers is None or markers[0] not in text:
+        return text, []
+    start, end = markers
+    kept, calls, pos = [], [], 0
+    while (at := text.find(start, pos)) >= 0:
+        stop = text.find(end, at + len(start))
+        stop = len(text) if stop < 0 else stop
+        found = _calls_in(text[at + len(start):stop].strip())
+        kept.append(text[pos:at] if found else text[pos:stop + len(end)])
+        calls += found
+        pos = stop + len(end)
+    kept.append(text[pos:])
+    return "".join(kept).strip() if calls else text, calls
 
 
 def completion_id() -> str:
@@ -47,10 +128,39 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion(model: str, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict:
-    """One ``chat.completion`` object with a single assistant choice."""
+def completion(model: str, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int,
+               tool_calls: list[dict] | None = None) -> dict:
+    """One ``chat.completion`` object with a single assistant choice (with ``tool_calls`` when the model called)."""
+    message: dict = {"role": "assistant", "content": text}
+    if tool_calls:
+        message = {"role": "assistant", "content": text or None, "tool_calls": tool_calls}
+        finish_reason = "tool_calls"
     return {
         "id": completion_id(), "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}],
+        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}],
         "usage": usage(prompt_tokens, completion_tokens),
     }
+
+
+def chunks(model: str, pieces: Iterator[str], final: Callable[[], dict]) -> Iterator[dict]:
+    """``chat.completion.chunk`` dicts: one per text piece, then the tool calls (if any), then the finish and usage.
+
+    ``final()``, called once the pieces are exhausted, gives the finished ``completion()`` of the generation;
+    its message content is text not yet sent as a piece.
+    """
+    base = {"id": completion_id(), "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
+    for piece in pieces:
+        yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": piece},
+                                    "finish_reason": None}]}
+    done = final()
+    choice = done["choices"][0]
+    calls = choice["message"].get("tool_calls")
+    if choice["message"].get("content") and not calls:
+        yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": choice["message"]["content"]},
+                                    "finish_reason": None}]}
+    if calls:
+        deltas = [{"index": i, **call} for i, call in enumerate(calls)]
+        yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "tool_calls": deltas},
+                                    "finish_reason": None}]}
+    yield {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": choice["finish_reason"]}],
+           "usage": done["usage"]}

@@ -194,6 +194,19 @@ def read_chat_template(model_dir: str | Path) -> str | None:
     return None
 
 
+def token_ids(model_dir: str | Path) -> dict[str, int]:
+    """Single tokens of the tokenizer by text: its added tokens (special or not) and a BPE's vocabulary."""
+    data = read_json_or_empty(Path(model_dir) / TOKENIZER_JSON)
+    ids: dict[str, int] = {}
+    vocab = (data.get("model") or {}).get("vocab")
+    if isinstance(vocab, dict):
+        ids.update({k: v for k, v in vocab.items() if isinstance(v, int)})
+    for tok in data.get("added_tokens") or []:
+        if isinstance(tok, dict) and isinstance(tok.get("content"), str) and isinstance(tok.get("id"), int):
+            ids[tok["content"]] = tok["id"]
+    return ids
+
+
 def dir_size_bytes(model_dir: str | Path) -> int:
     return sum(p.stat().st_size for p in Path(model_dir).rglob("*") if p.is_file() and not p.is_symlink())
 

@@ -36,6 +36,7 @@ from mlflow.exceptions import MlflowException
 
 from mlflow_slmops.deploy import chat
 from mlflow_slmops.deploy.foundry_local import cache as fcache
+from mlflow_slmops.deploy.foundry_local import capabilities
 from mlflow_slmops.deploy.foundry_local import config as fconfig
 from mlflow_slmops.errors import SlmopsError
 from mlflow_slmops.genai import modeldir
@@ -209,7 +210,8 @@ class FoundryLocalDeploymentClient(BaseDeploymentClient):
         return {**_summary(entry), "run_id": prov.run_id, "logged_model_id": prov.logged_model_id,
                 "weights_sha256": prov.weights_sha256, "size_bytes": modeldir.dir_size_bytes(entry.path),
                 "deployed_at": prov.deployed_at, "link_mode": prov.link_mode, "config": prov.config,
-                "registered_in_foundry_catalog": registered, "cache": str(self.cache.root)}
+                "registered_in_foundry_catalog": registered, "cache": str(self.cache.root),
+                **capabilities.describe(entry.path)}
 
     # --- inference --------------------------------------------------------------------------------
 
@@ -284,23 +286,38 @@ def _version(settings: fconfig.DeploymentConfig, src, previous: fcache.Entry | N
     return previous.provenance.version + (1 if model_uri is not None else 0)
 
 
-def _genai_config(genai_dir: Path, search: dict) -> dict:
+def _genai_config(genai_dir: Path, search: dict, caps) -> dict:
+    """The deployed genai_config.json: the model's, our search defaults, the tool/reasoning token ids."""
     cfg = modeldir.read_genai_config(genai_dir)
     context = int(cfg["model"].get("context_length") or 0)
     if context and search.get("max_length", 0) > context:
         raise SlmopsError(f"-C max_length={search['max_length']} exceeds the model's context length {context}",
                           f"pass -C max_length={context} or less")
     cfg.setdefault("search", {}).update(search)
+    for key in capabilities.TOOL_TOKEN_KEYS + capabilities.REASONING_TOKEN_KEYS:
+        cfg["model"].pop(key, None)  # an update without -m starts from the deployed folder: settings may change
+    cfg["model"].update(caps.genai_model_keys())
     return cfg
+
+
+def _chat_template(genai_dir: Path, caps) -> str | None:
+    template = modeldir.read_chat_template(genai_dir)
+    if template is None:
+        return None
+    template = template.removeprefix(capabilities.THINKING_OFF_PREFIX)
+    return capabilities.thinking_off_template(template) if caps.thinking_off else template
 
 
 def _plan(cache: fcache.FoundryCache, name: str, src, settings: fconfig.DeploymentConfig,
           previous: fcache.Entry | None, model_uri: str | None) -> _Plan:
     from mlflow_slmops import __version__
-    from mlflow_slmops.deploy.foundry_local import prompt_template
+    from mlflow_slmops.deploy.foundry_local import preflight, prompt_template
 
     info = modeldir.check_genai_dir(src.genai_dir)
     pieces = prompt_template.for_model(src.genai_dir, settings.prompt_template)
+    caps = capabilities.detect(src.genai_dir, settings.tool_calling, settings.reasoning)
+    genai_config = _genai_config(src.genai_dir, settings.search, caps)
+    preflight.run(genai_config, f"model {src.uri}")
     publisher = settings.publisher or fconfig.DEFAULT_PUBLISHER
     model_id = f"{name}:{_version(settings, src, previous, model_uri)}"
     prov = fcache.Provenance(
@@ -312,8 +329,7 @@ def _plan(cache: fcache.FoundryCache, name: str, src, settings: fconfig.Deployme
     )
     contents = fcache.FolderContents(
         source_dir=src.genai_dir, weight_files=info.onnx_files,
-        genai_config=_genai_config(src.genai_dir, settings.search),
-        chat_template=modeldir.read_chat_template(src.genai_dir), provenance=prov,
+        genai_config=genai_config, chat_template=_chat_template(src.genai_dir, caps), provenance=prov,
         inference_model={"Name": model_id, "PromptTemplate": pieces},
     )
     plan = _Plan(name, publisher, model_id, cache.model_dir(publisher, model_id), contents, previous)

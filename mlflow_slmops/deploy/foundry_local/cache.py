@@ -373,6 +373,8 @@ def build(staging: Path, contents: FolderContents) -> str:
     """Fill a staging folder; inference_model.json is written last. Returns how the weights were placed."""
     modes = set()
     skip = {modeldir.GENAI_CONFIG, INFERENCE_MODEL_FILE, PROVENANCE_FILE, DOWNLOAD_MARKER}
+    if contents.chat_template is not None:
+        skip.add(modeldir.CHAT_TEMPLATE_FILE)  # written below: the deployment may switch reasoning off in it
     for src in sorted(contents.source_dir.rglob("*")):
         rel = src.relative_to(contents.source_dir)
         dst = staging / rel
@@ -384,7 +386,7 @@ def build(staging: Path, contents: FolderContents) -> str:
             shutil.copyfile(src, dst)  # small files are copied, so editing one never touches the artifact store
     # A fresh file (never a hardlink into the artifact store): it carries this deployment's search defaults.
     write_json_atomic(staging / modeldir.GENAI_CONFIG, contents.genai_config)
-    if contents.chat_template is not None and not (staging / modeldir.CHAT_TEMPLATE_FILE).exists():
+    if contents.chat_template is not None:
         (staging / modeldir.CHAT_TEMPLATE_FILE).write_text(contents.chat_template, encoding="utf-8")
     link_mode = "copy" if "copy" in modes else "reflink" if "reflink" in modes else "hardlink" if modes else "copy"
     contents.provenance.link_mode = link_mode

@@ -82,6 +82,15 @@ def _bool(key: str, text: str) -> bool:
     raise SlmopsError(f"-C {key}={text!r} is not true or false", f"pass -C {key}=true or -C {key}=false")
 
 
+def _switch(key: str, text: str) -> bool:
+    lowered = str(text).strip().lower()
+    if lowered in ("on", "true", "1", "yes"):
+        return True
+    if lowered in ("off", "false", "0", "no"):
+        return False
+    raise SlmopsError(f"-C {key}={text!r} is not on or off", f"pass -C {key}=on or -C {key}=off, or leave it out")
+
+
 def _version(key: str, text: str) -> int:
     # Foundry model IDs want a canonical non-negative integer: no sign, no leading zero.
     text = str(text).strip()
@@ -126,6 +135,13 @@ KEYS: tuple[KeySpec, ...] = (
     KeySpec("prompt_template", "JSON object or path", "derived",
             "PromptTemplate for inference_model.json (keys system, user, assistant, prompt, each with {Content}); "
             "overrides the one derived from the model's chat template.", _prompt_template),
+    KeySpec("tool_calling", "on or off", "detected",
+            "Register the model with Foundry Local as calling tools, with the tool-call markers of its chat template "
+            "(`<tool_call>`, `<|tool_call|>`, `<|python_tag|>`), so tool calls come back as structured `tool_calls`.",
+            _switch),
+    KeySpec("reasoning", "on or off", "detected",
+            "Register the `<think>` markers so Foundry Local separates reasoning from the answer; `off` switches "
+            "reasoning off in templates with `enable_thinking`.", _switch),
     KeySpec("port", "integer 0-65535", "0 (any free port)", "run-local only: port of Foundry Local's web service.",
             _port),
 )
@@ -140,6 +156,8 @@ class DeploymentConfig:
     version: int | None = None
     search: dict[str, Any] = field(default_factory=dict)
     prompt_template: dict | None = None
+    tool_calling: bool | None = None
+    reasoning: bool | None = None
     port: int | None = None
 
     def merged_over(self, previous: dict) -> "DeploymentConfig":
@@ -150,6 +168,8 @@ class DeploymentConfig:
             version=self.version,
             search={**base.search, **self.search},
             prompt_template=self.prompt_template or base.prompt_template,
+            tool_calling=self.tool_calling if self.tool_calling is not None else base.tool_calling,
+            reasoning=self.reasoning if self.reasoning is not None else base.reasoning,
             port=self.port,
         )
 
@@ -167,6 +187,8 @@ def from_record(record: dict | None) -> DeploymentConfig:
         publisher=record.get("publisher"),
         search=dict(record.get("search") or {}),
         prompt_template=record.get("prompt_template"),
+        tool_calling=record.get("tool_calling"),
+        reasoning=record.get("reasoning"),
     )
 
 

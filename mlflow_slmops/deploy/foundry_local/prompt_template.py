@@ -69,8 +69,12 @@ def _special_tokens(model_dir: Path) -> dict[str, str]:
     return tokens
 
 
-def render(template: str, messages: list[dict], add_generation_prompt: bool, tokens: dict[str, str]) -> str:
-    """Render a chat template as transformers does (sandboxed jinja2, trim_blocks, lstrip_blocks)."""
+def render(template: str, messages: list[dict], add_generation_prompt: bool, tokens: dict[str, str],
+           **context) -> str:
+    """Render a chat template as transformers does (sandboxed jinja2, trim_blocks, lstrip_blocks).
+
+    ``context`` adds template variables such as ``tools`` (a list of OpenAI tool objects) or ``enable_thinking``.
+    """
     import jinja2
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -80,7 +84,8 @@ def render(template: str, messages: list[dict], add_generation_prompt: bool, tok
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **tokens)
+    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **tokens,
+                                           **context)
 
 
 def _unmappable(where: str, why: str) -> SlmopsError:

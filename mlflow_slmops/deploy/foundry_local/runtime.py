@@ -162,11 +162,18 @@ class FoundryRuntime:
         """Register (or re-register) a model folder in the local catalog as a chat-completion model."""
         from foundry_local_sdk import ModelInfoBuilder
 
+        from mlflow_slmops.deploy.foundry_local.capabilities import metadata_of
+
         if self.registered_path(model_id) is not None:
             self.unregister(model_id)
+        strings, ints = metadata_of(Path(model_dir))  # tool-calling and reasoning markers, from the folder itself
         try:
             with ModelInfoBuilder() as meta:
                 meta.set_string_property("task", TASK)
+                for key, text in strings.items():
+                    meta.set_string_property(key, text)
+                for key, number in ints.items():
+                    meta.set_int_property(key, number)
                 self._catalog.register_model(model_path=str(model_dir), model_id=model_id, metadata=meta)
         except Exception as exc:
             raise _error(f"register {model_id} from {model_dir}", exc)
