@@ -363,5 +363,35 @@ def evaluate_cmd(model_dir, text, qa, baseline, source_model, cache_dir, chunk_t
         click.echo(f"Logged run {log.log_quality_run(result)}")
 
 
+@main.command("watch")
+@click.option("--name", required=True, help="Registered model name.")
+@click.option("--alias", default="champion", show_default=True, help="The alias to follow.")
+@click.option("-t", "--target", required=True, help="Deployment target, e.g. foundry-local:/abs/cache.")
+@click.option("--deployment", default=None, callback=_blank_to_none, help="Deployment name (default: --name).")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+              help="Seconds between polls of the registry.")
+@click.option("--once", is_flag=True, help="Poll once and exit.")
+@click.option("--polls", type=WholeNumber(), default=None, help="Stop after this many polls (default: until Ctrl-C).")
+@friendly_errors
+def watch_cmd(name, alias, target, deployment, interval, once, polls) -> None:
+    """Redeploy NAME@ALIAS to the target whenever the alias moves, through the target's atomic update."""
+    from mlflow_slmops.deployment import watch
+
+    click.echo(f"Watching {name}@{alias} for {target} (every {interval:g} s)")
+    failed = False
+    for event in watch.watch(name, alias, target, deployment, interval, 1 if once else polls):
+        failed = event.action == "failed"
+        if failed:
+            click.echo(f"Error: {event.error}", err=True)
+        elif event.action == "none":
+            click.echo(f"{name}@{alias} is version {event.version}: deployed already")
+        else:
+            click.echo(f"{name}@{alias} is version {event.version}: {event.action}d {event.deployment['model_id']} "
+                       f"at {event.deployment['path']}")
+        sys.stdout.flush()
+    if failed:
+        sys.exit(EXIT_USER_ERROR)  # the last poll failed: a script running --once sees it
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
