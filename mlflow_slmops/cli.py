@@ -375,7 +375,7 @@ def evaluate_cmd(model_dir, text, qa, baseline, source_model, cache_dir, chunk_t
 @friendly_errors
 def watch_cmd(name, alias, target, deployment, interval, once, polls) -> None:
     """Redeploy NAME@ALIAS to the target whenever the alias moves, through the target's atomic update."""
-    from mlflow_slmops.deployment import watch
+    from mlflow_slmops.deploy.foundry_local import watch
 
     click.echo(f"Watching {name}@{alias} for {target} (every {interval:g} s)")
     failed = False

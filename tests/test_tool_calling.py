@@ -21,13 +21,17 @@ import pytest
 
 from devkit import toolmodel
 from mlflow_slmops import flavor
-from mlflow_slmops.deployment import capabilities, preflight
+from mlflow_slmops.deploy.foundry_local import capabilities, preflight
 from mlflow_slmops.errors import SlmopsError
 from tests.helpers import assert_one_line_error, bin_path, mlflow_cli, stop_process, tree_snapshot
 from tests.test_deployment import WAIT_S, deploy_args, deploy_cli, model_dir, wait_for
 
 NAME = "order-assistant"
 ORDER_QUESTION = "Where is my order KS-461?"  # a training phrasing: the small model calls reliably on it
+# Output budget of a request with tools: Foundry Local's guided retry of a malformed call needs room (at 64 tokens,
+# 1 of 8 sampled requests came back; at 200, 8 of 8).
+TOOL_BUDGET = 200
+SEEDS = 4
 
 SDK_INFO = r"""
 import json, sys
@@ -49,14 +53,17 @@ QWEN3_THINK_TEMPLATE = toolmodel.QWEN_TOOLS_TEMPLATE.replace(
 
 
 def _variant(genai: Path, work: Path, name: str, template: str | None = None, edit=None) -> Path:
-    folder = work / name
-    shutil.copytree(genai, folder)
+    """An MLflow model of the genai folder with another chat template or genai_config.json (edited after saving,
+    the way a hand-edited artifact would arrive)."""
+    saved = work / name
+    flavor.save_model(genai, saved)
+    folder = saved / "model"
     if template is not None:
         (folder / "chat_template.jinja").write_text(template)
     if edit is not None:
         path = folder / "genai_config.json"
         path.write_text(json.dumps(edit(json.loads(path.read_text()))))
-    return folder
+    return saved
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +91,7 @@ def models(tmp_path_factory, tool_genai_fp32, genai_qwen_fp32):
     log(tool_genai_fp32, registered_model_name=NAME)
     thinking = _variant(tool_genai_fp32, root, "thinking", QWEN3_THINK_TEMPLATE)
     yield SimpleNamespace(
-        uri=uri, tools=f"models:/{NAME}/1", thinking=str(thinking), chatml=str(genai_qwen_fp32),
+        uri=uri, tools=f"models:/{NAME}/1", thinking=str(thinking), chatml=str(_variant(genai_qwen_fp32, root, "chatml")),
         unknown_key=str(_variant(genai_qwen_fp32, root, "unknown-key", edit=unknown_key)),
         cuda=str(_variant(genai_qwen_fp32, root, "cuda", edit=cuda)),
         not_single=str(_variant(genai_qwen_fp32, root, "not-single", toolmodel.QWEN_TOOLS_TEMPLATE)),
@@ -98,6 +105,24 @@ def sdk_info(cache: Path, model_id: str) -> dict:
                           timeout=WAIT_S)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _first_call(ask):
+    """The first answer of up to SEEDS sampled tries that Foundry Local returns without an error.
+
+    Foundry Local samples (it ignores do_sample=false), writes the model's call, checks it against the tool
+    schema and, when the small model's call is malformed, retries it with grammar guidance; measured here, 15
+    of 16 sampled requests with a 200-token budget came back as structured calls, and every greedy one failed.
+    """
+    import openai
+
+    errors = []
+    for seed in range(SEEDS):
+        try:
+            return ask(seed)
+        except openai.APIError as exc:
+            errors.append(str(exc)[:200])
+    raise AssertionError(f"no try of {SEEDS} came back: {errors}")
 
 
 def _stream_calls(stream) -> tuple[list[dict], str | None]:
@@ -128,17 +153,19 @@ def test_run_local_returns_structured_tool_calls_to_the_openai_client_streamed_a
         base_url = next(ln.split("base URL:")[1].strip() for ln in lines if "base URL:" in ln)
         client = openai.OpenAI(base_url=base_url, api_key="unused")
         request = {"model": f"{NAME}:1", "messages": [{"role": "user", "content": ORDER_QUESTION}],
-                   "tools": [toolmodel.ORDER_TOOL], "max_tokens": 64, "temperature": 0}  # greedy: Foundry samples by default
-        reply = client.chat.completions.create(**request)
+                   "tools": [toolmodel.ORDER_TOOL], "max_tokens": TOOL_BUDGET}
+        reply = _first_call(lambda seed: client.chat.completions.create(**request, seed=seed))
         calls = reply.choices[0].message.tool_calls
         assert reply.choices[0].finish_reason == "tool_calls" and calls, reply.model_dump()
         assert calls[0].type == "function" and calls[0].function.name == toolmodel.TOOL_NAME
         assert isinstance(json.loads(calls[0].function.arguments)[toolmodel.TOOL_ARGUMENT], str)
         assert toolmodel.TOOL_CALL_START not in (reply.choices[0].message.content or "")
 
-        streamed, finish = _stream_calls(client.chat.completions.create(**request, stream=True))
-        assert finish == "tool_calls" and [c["name"] for c in streamed] == [toolmodel.TOOL_NAME], streamed
-        assert isinstance(json.loads(streamed[0]["arguments"])[toolmodel.TOOL_ARGUMENT], str)
+        streamed, finish = _first_call(
+            lambda seed: _stream_calls(client.chat.completions.create(**request, seed=seed, stream=True)))
+        # The small model may put more than one call in its array; each is a whole, structured call.
+        assert finish == "tool_calls" and streamed and {c["name"] for c in streamed} == {toolmodel.TOOL_NAME}, streamed
+        assert all(isinstance(json.loads(c["arguments"]), dict) for c in streamed), streamed
 
         plain = client.chat.completions.create(model=f"{NAME}:1", max_tokens=12,
                                                messages=[{"role": "user", "content": "Hello!"}])
@@ -160,9 +187,9 @@ def test_tool_calling_is_detected_registered_and_switched_off_with_config(models
     on_cfg = json.loads((model_dir(on, 1, NAME) / "genai_config.json").read_text())["model"]
     off_cfg = json.loads((model_dir(off, 1, NAME) / "genai_config.json").read_text())["model"]
     assert {"bot_token_id", "eot_token_id"} <= set(on_cfg) and not {"bot_token_id", "eot_token_id"} & set(off_cfg)
-    got = json.loads(mlflow_cli("deployments", "get", "-t", f"foundry-local:{on}", "--name", NAME).stdout
-                     .split("\n", 1)[1])
-    assert got["tool_calling"] is True and got["tool_call_markers"] == ["<tool_call>", "</tool_call>"]
+    got = mlflow_cli("deployments", "get", "-t", f"foundry-local:{on}", "--name", NAME).stdout
+    fields = dict(ln.split(": ", 1) for ln in got.splitlines() if ": " in ln)
+    assert fields["tool_calling"] == "True" and fields["tool_call_markers"] == "['<tool_call>', '</tool_call>']"
 
 
 def test_reasoning_markers_are_registered_and_reasoning_off_switches_the_template(models, tmp_path):
@@ -182,7 +209,7 @@ def test_reasoning_markers_are_registered_and_reasoning_off_switches_the_templat
 
 
 def capabilities_render(template: str) -> str:
-    from mlflow_slmops.deployment.prompt_template import render
+    from mlflow_slmops.deploy.foundry_local.prompt_template import render
 
     return render(template, [{"role": "user", "content": "hi"}], True, {})
 
@@ -266,7 +293,7 @@ def test_pyfunc_returns_openai_tool_calls_and_streams_the_same_call(tool_genai_f
 
 
 def test_tool_calls_are_split_from_text_in_every_marker_family():
-    from mlflow_slmops import chat
+    from mlflow_slmops.deploy import chat
 
     text = 'Sure.<tool_call>\n[{"name": "f", "parameters": {"a": 1}}]\n</tool_call>'
     content, calls = chat.split_tool_calls(text, ("<tool_call>", "</tool_call>"))
