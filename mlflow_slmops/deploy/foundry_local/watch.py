@@ -21,6 +21,7 @@ from typing import Iterator
 from mlflow_slmops.errors import SlmopsError
 
 DEFAULT_INTERVAL_S = 30.0
+MAX_REASON_CHARS = 200  # the registry's own reason, shortened to keep the error one line
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,8 @@ def _alias_version(client, name: str, alias: str) -> str:
     try:
         return str(client.get_model_version_by_alias(name, alias).version)
     except MlflowException as exc:
-        raise SlmopsError(f"registered model {name} has no alias {alias} ({' '.join(str(exc.message).split())[:200]})",
+        why = " ".join(str(exc.message).split())[:MAX_REASON_CHARS]
+        raise SlmopsError(f"registered model {name} has no alias {alias} ({why})",
                           f"set it with `slmops promote --name {name} --alias {alias}` or check the name")
 
 
