@@ -28,6 +28,14 @@ def test_chat_check_keeps_only_role_and_content():
     assert chat.check_messages([{"role": "user", "content": "hi", "name": "x"}]) == [{"role": "user", "content": "hi"}]
 
 
+def test_chat_check_keeps_an_assistants_tool_calls_and_a_tool_results_call_id():
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    checked = chat.check_messages([{"role": "assistant", "content": None, "tool_calls": [call]},
+                                   {"role": "tool", "content": "{}", "tool_call_id": "call_1", "name": "f"}])
+    assert checked == [{"role": "assistant", "content": "", "tool_calls": [call]},
+                       {"role": "tool", "content": "{}", "tool_call_id": "call_1"}]
+
+
 def test_a_completion_has_the_openai_shape():
     out = chat.completion("m", "Hello", "stop", prompt_tokens=3, completion_tokens=2)
     assert out["object"] == "chat.completion" and out["id"].startswith("chatcmpl-")

@@ -25,7 +25,7 @@ ID_HEX_CHARS = 24
 
 
 # Keys a message may carry beyond role and content: an assistant's tool calls, a tool result's call id.
-TOOL_MESSAGE_KEYS = ("tool_calls", "tool_call_id", "name")
+TOOL_MESSAGE_KEYS = ("tool_calls", "tool_call_id")
 # Tool-call markers of the chat families Foundry Local serves: Qwen2.5/Qwen3/Hermes, Phi-4-mini, Llama 3.1.
 TOOL_MARKERS: tuple[tuple[str, str], ...] = (
     ("<tool_call>", "</tool_call>"),
