@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 
 import mlflow
 import pytest
@@ -32,11 +33,13 @@ def served_registry(mlflow_server, genai_qwen_fp32, monkeypatch):
     """Two versions of one registered model on the real server, the alias on version 1."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     mlflow.set_tracking_uri(mlflow_server)
-    exp = mlflow.set_experiment(f"watch-{os.getpid()}")
     client = MlflowClient()
+    # Not mlflow.set_experiment: it exports MLFLOW_EXPERIMENT_ID, an ID of this server that later tests'
+    # subprocesses (on their own stores) would inherit.
+    exp_id = client.create_experiment(f"watch-{os.getpid()}-{uuid.uuid4().hex[:6]}")
     versions = []
     for _ in range(2):
-        with mlflow.start_run(experiment_id=exp.experiment_id):
+        with mlflow.start_run(experiment_id=exp_id):
             info = flavor.log_model(genai_qwen_fp32, name="model", registered_model_name=NAME)
         versions.append(str(info.registered_model_version))
     client.set_registered_model_alias(NAME, "champion", versions[0])
