@@ -19,7 +19,7 @@ MOVED = {
     "mlflow_slmops._worker": "mlflow_slmops.measure.worker",
     "mlflow_slmops.tracking": "mlflow_slmops.track.tracking",
     "mlflow_slmops.report": "mlflow_slmops.track.report",
-    "mlflow_slmops.chat": "mlflow_slmops.deploy.chat",
+    "mlflow_slmops.chat": "mlflow_slmops.genai.chat",
     "mlflow_slmops.deployment": "mlflow_slmops.deploy.foundry_local",
 }
 

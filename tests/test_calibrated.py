@@ -10,8 +10,8 @@ import onnx
 import pytest
 
 from mlflow_slmops import calibration, convert, data
-from mlflow_slmops.genai import modeldir, weights
 from mlflow_slmops.errors import SlmopsError
+from mlflow_slmops.genai import modeldir, weights
 from mlflow_slmops.variants import PRESETS, VariantSpec, key_body, resolve_variants
 from tests.helpers import assert_one_line_error, slmops
 

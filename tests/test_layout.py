@@ -93,3 +93,36 @@ def test_every_algorithm_a_spec_may_name_has_a_recipe_and_nothing_else_does():
     for algo in variants.CALIBRATED_ALGOS:
         spec = variants.VariantSpec("v", "int4", algo=algo, is_symmetric=False)
         assert recipe.olive_passes(spec, {"name": "calibration"})[algo]["type"] == "Gptq"
+
+
+# The stages in data-flow order; a module may import its own stage, an earlier one, or a shared piece.
+STAGES = ("genai", "convert", "measure", "track", "flavor", "sweep", "promote", "deploy", "cli")
+SHARED = {"errors", "_error_class", "metrics", "variants", "progress", "_files", "data", "calibration", "_moved",
+          "__init__"}
+
+
+def _stage(module: str) -> str | None:
+    first = module.split(".")[0]
+    return None if first in SHARED else first
+
+
+def _imported_package_modules(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("mlflow_slmops"):
+            base = node.module.removeprefix("mlflow_slmops").lstrip(".")
+            found |= {f"{base}.{a.name}".lstrip(".") if not base else base for a in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {a.name.removeprefix("mlflow_slmops.") for a in node.names if a.name.startswith("mlflow_slmops.")}
+    return found
+
+
+def test_no_module_imports_a_later_stage():
+    later = []
+    for path in PACKAGE.rglob("*.py"):
+        own = _stage(str(path.relative_to(PACKAGE).with_suffix("")).replace("/", "."))
+        for imported in _imported_package_modules(path):
+            stage = _stage(imported)
+            if own in STAGES and stage in STAGES and STAGES.index(stage) > STAGES.index(own):
+                later.append(f"{path.relative_to(PACKAGE)} imports {imported}")
+    assert later == []

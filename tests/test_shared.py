@@ -8,9 +8,8 @@ import os
 import pytest
 
 from mlflow_slmops import _files
-from mlflow_slmops.deploy import chat
 from mlflow_slmops.errors import SlmopsError
-from mlflow_slmops.genai import modeldir
+from mlflow_slmops.genai import chat, modeldir
 from mlflow_slmops.variants import DEFAULT_VARIANTS
 from tests.conftest import ROOT
 

@@ -23,7 +23,13 @@ from devkit import toolmodel
 from mlflow_slmops import flavor
 from mlflow_slmops.deploy.foundry_local import capabilities, preflight
 from mlflow_slmops.errors import SlmopsError
-from tests.helpers import assert_one_line_error, bin_path, mlflow_cli, stop_process, tree_snapshot
+from tests.helpers import (
+    assert_one_line_error,
+    bin_path,
+    mlflow_cli,
+    stop_process,
+    tree_snapshot,
+)
 from tests.test_deployment import WAIT_S, deploy_args, deploy_cli, model_dir, wait_for
 
 NAME = "order-assistant"
@@ -293,7 +299,7 @@ def test_pyfunc_returns_openai_tool_calls_and_streams_the_same_call(tool_genai_f
 
 
 def test_tool_calls_are_split_from_text_in_every_marker_family():
-    from mlflow_slmops.deploy import chat
+    from mlflow_slmops.genai import chat
 
     text = 'Sure.<tool_call>\n[{"name": "f", "parameters": {"a": 1}}]\n</tool_call>'
     content, calls = chat.split_tool_calls(text, ("<tool_call>", "</tool_call>"))

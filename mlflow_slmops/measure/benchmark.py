@@ -193,7 +193,7 @@ def benchmark_in_process(model_dir: str | Path, config: BenchmarkConfig | None =
         config: what to measure; ``BenchmarkConfig()`` if None.
         on_progress: called with (task, completed, total) as generations finish.
     """
-    from mlflow_slmops.flavor import GenaiModel
+    from mlflow_slmops.genai.runtime import GenaiModel
 
     config = config or BenchmarkConfig()
     config.validate()

@@ -31,9 +31,8 @@ from typing import Any
 
 from mlflow_slmops import data as packaged_data
 from mlflow_slmops import metrics
-from mlflow_slmops.deploy import chat
 from mlflow_slmops.errors import SlmopsError
-from mlflow_slmops.genai import modeldir
+from mlflow_slmops.genai import chat, modeldir
 from mlflow_slmops.measure import worker
 from mlflow_slmops.measure.worker import ProgressFn
 
@@ -699,7 +698,7 @@ def evaluate(model_dir: str | Path, text_path: str | Path | None = None, qa_path
     Example:
         >>> evaluate("out/int4", baseline_dir="out/fp32").top1_agreement     # doctest: +SKIP
     """
-    from mlflow_slmops.flavor import GenaiModel
+    from mlflow_slmops.genai.runtime import GenaiModel
 
     config = config or QualityConfig()
     config.validate()
@@ -784,7 +783,7 @@ def _run_probes(gm: Any, probes: tuple[str, ...], on_progress: ProgressFn | None
 
 
 def _load_baseline(baseline_dir: str | Path, text: str, ids: list[int]) -> Any:
-    from mlflow_slmops.flavor import GenaiModel
+    from mlflow_slmops.genai.runtime import GenaiModel
 
     base = GenaiModel(baseline_dir)
     if [int(t) for t in base.tokenizer.encode(text)] != ids:

@@ -34,7 +34,7 @@ import click
 from mlflow.deployments import BaseDeploymentClient, PredictionsResponse
 from mlflow.exceptions import MlflowException
 
-from mlflow_slmops.deploy import chat
+from mlflow_slmops.genai import chat
 from mlflow_slmops.deploy.foundry_local import cache as fcache
 from mlflow_slmops.deploy.foundry_local import capabilities
 from mlflow_slmops.deploy.foundry_local import config as fconfig

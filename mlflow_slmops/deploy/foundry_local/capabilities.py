@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlflow_slmops.genai import modeldir
-from mlflow_slmops.deploy.chat import TOOL_MARKERS
+from mlflow_slmops.genai.chat import TOOL_MARKERS
 from mlflow_slmops.errors import SlmopsError
 REASONING_MARKERS: tuple[tuple[str, str], ...] = (("<think>", "</think>"),)
 # The template variable Qwen3-style templates read to switch reasoning off.
