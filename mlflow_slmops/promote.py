@@ -98,24 +98,17 @@ def judge(candidate: Candidate, constraints: Constraints, build_only: bool) -> N
     else:
         if constraints.metric not in m:
             reasons.append(f"no {constraints.metric}")
-        if constraints.max_size_mb is not None:
-            size = m.get(M.SIZE_MB)
-            if size is None:
-                reasons.append(f"no {M.SIZE_MB}")
-            elif size > constraints.max_size_mb:
-                reasons.append(f"{M.SIZE_MB} {size:.4g} > {constraints.max_size_mb:g}")
-        if constraints.max_ppl_delta_pct is not None:
-            delta = m.get(M.PPL_DELTA_PCT)
-            if delta is None:
-                reasons.append(f"no {M.PPL_DELTA_PCT}")
-            elif delta > constraints.max_ppl_delta_pct:
-                reasons.append(f"{M.PPL_DELTA_PCT} {delta:.3g} > {constraints.max_ppl_delta_pct:g}")
-        if constraints.min_qa_accuracy is not None:
-            acc = m.get(M.QA_ACCURACY)
-            if acc is None:
-                reasons.append(f"no {M.QA_ACCURACY}")
-            elif acc < constraints.min_qa_accuracy:
-                reasons.append(f"{M.QA_ACCURACY} {acc:.3g} < {constraints.min_qa_accuracy:g}")
+        limits = ((M.SIZE_MB, constraints.max_size_mb, ">", ".4g"),
+                  (M.PPL_DELTA_PCT, constraints.max_ppl_delta_pct, ">", ".3g"),
+                  (M.QA_ACCURACY, constraints.min_qa_accuracy, "<", ".3g"))
+        for key, limit, beyond, fmt in limits:
+            if limit is None:
+                continue
+            value = m.get(key)
+            if value is None:
+                reasons.append(f"no {key}")
+            elif (value > limit) if beyond == ">" else (value < limit):
+                reasons.append(f"{key} {value:{fmt}} {beyond} {limit:g}")
     candidate.reasons = reasons
     candidate.accepted = not reasons
 
