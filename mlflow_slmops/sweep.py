@@ -111,9 +111,10 @@ def machine_fingerprint() -> dict[str, str]:
 
 
 def tool_versions() -> dict[str, str]:
-    from importlib.metadata import version
+    """The conversion's tool versions (the ones its cache keys on), as run params: ``olive-ai_version``, ..."""
+    from mlflow_slmops.convert.recipe import tool_versions as installed
 
-    return {f"{pkg}_version": version(pkg) for pkg in ("olive-ai", "onnxruntime-genai", "onnxruntime")}
+    return {f"{pkg}_version": found for pkg, found in installed().items()}
 
 
 def with_retry(what: str, fn: Callable[[], Any], resume_hint: str) -> Any:

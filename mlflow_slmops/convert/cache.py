@@ -47,8 +47,8 @@ def entry_key(input_hash: str, spec: VariantSpec, trust_remote_code: bool = Fals
             "recipe": recipe.RECIPE_VERSION, "trust_remote_code": trust_remote_code}
     if spec.calibrated:
         body["calibration"] = calibration_sha256
-    if fixes.fixes_for(spec):  # only the variants a fix changes get a new key
-        body["olive_fixes"] = fixes.fixes_for(spec)
+    if applied := fixes.fixes_for(spec):  # only the variants a fix changes get a new key
+        body["olive_fixes"] = applied
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
