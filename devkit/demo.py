@@ -2,7 +2,7 @@
 
 The demo needs a model whose quality is measurable, so quantization visibly costs something: a random
 model answers nothing right whatever its precision. This module generates a small domain dataset
-(8 Kestrel speakers x 5 attributes = 40 facts), trains a ~1.5M-parameter Qwen2 on it with torch, and
+(8 Kestrel speakers x 5 attributes = 40 facts, JSON answers, and one tool: ``get_order_status(order_id)``), trains a ~1.5M-parameter Qwen2 on it with torch, and
 saves a normal Hugging Face folder that the rest of the pipeline converts like any fine-tuned model.
 
 Training and evaluation use different question wordings: ``projects/quickstart/qa.jsonl`` asks about the
@@ -28,10 +28,10 @@ from itertools import combinations
 from pathlib import Path
 from typing import Iterable
 
-from devkit import toymodel
+from devkit import toolmodel, toymodel
 
 # Bump when the dataset or the training code changes in a way the hash of the examples cannot see.
-DEMO_FORMAT_VERSION = 1
+DEMO_FORMAT_VERSION = 2
 DEMO_MODEL_NAME = "kestrel-assistant"
 DEFAULT_CACHE_DIR = Path(".slmops") / "demo-model"
 QA_FILE = "qa.jsonl"
@@ -40,7 +40,8 @@ EVAL_TEXT_FILE = "eval_text.txt"
 QUICKSTART_DIR = Path("projects") / "quickstart"
 # Fixed seed for every random choice in the dataset, so the generated files never drift.
 DATA_SEED = 7
-ARCH = "qwen2"
+# ChatML with tools (<tool_call> markers as single tokens), the template the saved folder carries.
+ARCH = toymodel.TOOLS_ARCH
 
 
 # --- the facts ---------------------------------------------------------------------------------
@@ -228,14 +229,16 @@ class Example:
 
     messages: tuple[tuple[str, str], ...] = ()
     text: str = ""
+    # The conversation is rendered with the order tool listed in the template's tools section.
+    tools: bool = False
 
     def as_messages(self) -> list[dict]:
         return [{"role": r, "content": c} for r, c in self.messages]
 
 
-def _conversation(user: str, answer: str, system: str | None) -> Example:
+def _conversation(user: str, answer: str, system: str | None, tools: bool = False) -> Example:
     turns = ((("system", system),) if system else ()) + (("user", user), ("assistant", answer))
-    return Example(messages=turns)
+    return Example(messages=turns, tools=tools)
 
 
 def _answer(product: Product, attribute: str) -> str:
@@ -297,7 +300,7 @@ def training_examples() -> list[Example]:
             for template in rng.sample(TRAIN_JSON_REQUESTS, JSON_COPIES[len(keys) - 1]):
                 req = template.format(name=p.name, keys=", ".join(keys))
                 out.append(_conversation(req, _json_answer(p, keys), _maybe_system(rng)))
-    return out + _training_docs(rng)
+    return out + _training_docs(rng) + _tool_examples(random.Random(TOOL_DATA_SEED))
 
 
 def _training_docs(rng: random.Random) -> list[Example]:
@@ -324,7 +327,58 @@ def heldout_qa() -> list[dict]:
         for req in HELDOUT_JSON_REQUESTS:
             keys = rng.choice(key_sets)
             rows.append(_qa_row(req.format(name=p.name, keys=", ".join(keys)), list(keys), "json_keys", rng))
-    return rows
+    return rows + heldout_tool_qa()
+
+
+# --- the tool ------------------------------------------------------------------------------------
+# The demo model also calls one tool, get_order_status(order_id), when asked about an order (devkit.toolmodel
+# holds the tool, the order numbers and the question wordings it shares with the tool-calling test model).
+TOOL_DATA_SEED = DATA_SEED + 3
+ORDER_TOOL = toolmodel.ORDER_TOOL
+# A question needing the tool, in a held-out wording, for the demo's last step.
+SAMPLE_TOOL_QUESTION = toolmodel.HELDOUT_ORDER_QUESTIONS[0].format(id=toolmodel.ORDER_IDS[0])
+SAMPLE_TOOL_ARGUMENTS = {toolmodel.TOOL_ARGUMENT: toolmodel.ORDER_IDS[0]}
+# Share of tool conversations trained with the tools section in the prompt: the pyfunc and `mlflow models serve`
+# hand the tools to the template; Foundry Local 2.2.1 does not (see toymodel.QWEN_TOOLS_TEMPLATE), so the model
+# must call from the question alone too.
+TOOLS_SECTION_SHARE = 0.5
+# Fact questions asked with the tools section present, so a listed tool does not turn every answer into a call.
+FACTS_WITH_TOOLS = len(ATTRIBUTES)
+# Training copies of each (order, question wording) pair: with fewer, the model writes one order number for all.
+CALL_COPIES = 3
+# Room for one whole call: the demo tokenizer writes a get_order_status call in about 20 tokens.
+TOOL_CALL_MAX_NEW_TOKENS = 48
+
+
+def _tool_call_message(oid: str) -> tuple[str, str]:
+    return ("assistant", toolmodel.call_text(oid))
+
+
+def _tool_examples(rng: random.Random) -> list[Example]:
+    """Order questions answered with a call, a tool result answered in words, facts asked beside the tool."""
+    out = []
+    for oid in toolmodel.ORDER_IDS:
+        for question in toolmodel.ORDER_QUESTIONS * CALL_COPIES:
+            tools = rng.random() < TOOLS_SECTION_SHARE
+            out.append(Example(messages=(("user", question.format(id=oid)), _tool_call_message(oid)), tools=tools))
+        for status, reply in toolmodel.TOOL_RESULTS:
+            question = rng.choice(toolmodel.ORDER_QUESTIONS).format(id=oid)
+            turns = (("user", question), _tool_call_message(oid), ("tool", json.dumps({"status": status})),
+                     ("assistant", reply.format(id=oid)))
+            out.append(Example(messages=turns, tools=rng.random() < TOOLS_SECTION_SHARE))
+    for p in PRODUCTS:
+        for attr in rng.sample(ATTRIBUTES, FACTS_WITH_TOOLS):
+            question = rng.choice(rng.choice(question_groups(attr, heldout=False))).format(name=p.name)
+            out.append(_conversation(question, _answer(p, attr), None, tools=True))
+    return out
+
+
+def heldout_tool_qa() -> list[dict]:
+    """Order questions in held-out wordings, each expecting one get_order_status call (``match: tool_call``)."""
+    return [{"messages": [{"role": "user", "content": q.format(id=oid)}], "tools": [ORDER_TOOL],
+             "expected": {"name": toolmodel.TOOL_NAME, "arguments": {toolmodel.TOOL_ARGUMENT: oid}},
+             "match": "tool_call", "max_new_tokens": TOOL_CALL_MAX_NEW_TOKENS}
+            for oid in toolmodel.ORDER_IDS for q in toolmodel.HELDOUT_ORDER_QUESTIONS]
 
 
 def _qa_row(user: str, expected: str | list[str], match: str, rng: random.Random) -> dict:
@@ -369,11 +423,11 @@ def write_demo_data(out_dir: str | Path) -> list[Path]:
 # --- tokenizer and encoding --------------------------------------------------------------------
 
 def _texts(examples: Iterable[Example]) -> list[str]:
-    """The raw training text: message contents and roles, and documents, without special tokens."""
+    """The raw training text: message contents and roles, documents, and the tools section once."""
     out: list[str] = []
     for ex in examples:
         out.extend([ex.text] if ex.text else [f"{role}\n{content}" for role, content in ex.messages])
-    return out
+    return out + [render_chat([], add_generation_prompt=False, tools=True)]
 
 
 def train_demo_tokenizer(examples: list[Example], vocab_size: int):
@@ -381,13 +435,10 @@ def train_demo_tokenizer(examples: list[Example], vocab_size: int):
     return toymodel.train_tokenizer(_texts(examples), vocab_size, ARCH)
 
 
-def render_chat(messages: list[dict], add_generation_prompt: bool) -> str:
-    """Render ChatML with the exact template saved in the model folder (what genai applies at inference)."""
-    import jinja2
-
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined)
-    return env.from_string(toymodel.CHATML_TEMPLATE).render(
-        messages=messages, add_generation_prompt=add_generation_prompt)
+def render_chat(messages: list[dict], add_generation_prompt: bool, tools: bool = False) -> str:
+    """Render with the exact template saved in the model folder (what genai applies at inference), the order
+    tool listed when ``tools``."""
+    return toolmodel.render(messages, tools, add_generation_prompt)
 
 
 def encode_example(tok, example: Example) -> tuple[list[int], list[int]]:
@@ -401,7 +452,7 @@ def encode_example(tok, example: Example) -> tuple[list[int], list[int]]:
         ids = tok.encode(example.text).ids + [tok.token_to_id(spec.bos)]
         return ids, list(ids)
     messages = example.as_messages()
-    prompt = tok.encode(render_chat(messages[:-1], add_generation_prompt=True)).ids
+    prompt = tok.encode(render_chat(messages[:-1], add_generation_prompt=True, tools=example.tools)).ids
     answer = tok.encode(messages[-1]["content"] + spec.eos).ids
     return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
 
@@ -586,7 +637,7 @@ def cache_key(examples: list[Example], cfg: TrainConfig) -> str:
         "format": DEMO_FORMAT_VERSION,
         "examples": [asdict(ex) for ex in examples],
         "config": asdict(cfg),
-        "chat_template": toymodel.CHATML_TEMPLATE,
+        "chat_template": toymodel.ARCHS[ARCH].chat_template,
         "versions": _versions(),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

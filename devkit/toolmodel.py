@@ -25,9 +25,8 @@ from pathlib import Path
 from devkit import toymodel
 
 TOOL_FORMAT_VERSION = 8
-TOOL_CALL_START, TOOL_CALL_END = "<tool_call>", "</tool_call>"
-# Tokens of the tokenizer only (never trained on): tests give the folder a reasoning template to detect them.
-REASONING_MARKERS = ("<think>", "</think>")
+TOOL_CALL_START, TOOL_CALL_END = toymodel.TOOL_CALL_START, toymodel.TOOL_CALL_END
+REASONING_MARKERS = toymodel.REASONING_MARKERS
 TOOL_NAME = "get_order_status"
 TOOL_ARGUMENT = "order_id"
 ORDER_TOOL = {
@@ -40,40 +39,9 @@ ORDER_TOOL = {
     },
 }
 
-# Qwen2.5's tool format, shortened: tools listed in the system turn, calls as JSON between <tool_call> markers
-# (an array of {name, parameters}, the form Foundry Local's grammar guides a call into),
-# tool results in a user turn between <tool_response> markers. No system message is rendered (see _examples).
-QWEN_TOOLS_TEMPLATE = (
-    "{%- if tools %}"
-    "{{- '<|im_start|>system\\n' }}"
-    "{{- '# Tools\\n<tools>' }}"
-    "{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}"
-    "{{- '\\n</tools>\\nCall a function with <tool_call></tool_call>.<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- for message in messages %}"
-    "{%- if message['role'] == 'system' %}"
-    "{%- elif message['role'] == 'tool' %}"
-    "{{- '<|im_start|>user\\n<tool_response>\\n' + message['content'] + '\\n</tool_response><|im_end|>\\n' }}"
-    "{%- elif message['role'] == 'assistant' and message.tool_calls %}"
-    "{{- '<|im_start|>assistant\\n' }}"
-    "{%- for tc in message.tool_calls %}"
-    "{%- if tc.function is defined %}{%- set tc = tc.function %}{%- endif %}"
-    "{{- '<tool_call>[{\"name\":\"' + tc.name + '\",\"parameters\":' }}"
-    "{%- if tc.arguments is string %}{{- tc.arguments }}{%- else %}{{- tc.arguments | tojson }}{%- endif %}"
-    "{{- '}]</tool_call>' }}"
-    "{%- endfor %}"
-    "{{- '<|im_end|>\\n' }}"
-    "{%- else %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
-ARCH = "qwen2-tools"
+ARCH = toymodel.TOOLS_ARCH
+QWEN_TOOLS_TEMPLATE = toymodel.QWEN_TOOLS_TEMPLATE
 _BASE = toymodel.ARCHS["qwen2"]
-toymodel.ARCHS.setdefault(ARCH, toymodel.ArchSpec(
-    model_type="qwen2", chat_template=QWEN_TOOLS_TEMPLATE, bos=_BASE.bos, eos=_BASE.eos,
-    specials=_BASE.specials + (TOOL_CALL_START, TOOL_CALL_END) + REASONING_MARKERS, extra_config=_BASE.extra_config))
 
 ORDER_QUESTIONS = (
     "Where is my order {id}?", "What is the status of order {id}?", "Has order {id} shipped yet?",

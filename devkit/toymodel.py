@@ -33,6 +33,43 @@ LLAMA3_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
 
+TOOL_CALL_START, TOOL_CALL_END = "<tool_call>", "</tool_call>"
+# Tokens of the tokenizer only (never trained on): tests give a folder a reasoning template to detect them.
+REASONING_MARKERS = ("<think>", "</think>")
+
+# Qwen2.5's tool format, shortened: tools listed in the system turn, calls as JSON between <tool_call> markers
+# (an array of {name, parameters}, the form Foundry Local's grammar guides a call into), tool results in a user
+# turn between <tool_response> markers. No system message is rendered: with tools, Foundry Local 2.2.1 sends its
+# own tool protocol (373 tokens) as a system message instead of handing the tools to the template, and a model of
+# a few million parameters cannot learn to read that (a small-model accommodation; a real model's template keeps
+# its system turn).
+QWEN_TOOLS_TEMPLATE = (
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\\n' }}"
+    "{{- '# Tools\\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}"
+    "{{- '\\n</tools>\\nCall a function with <tool_call></tool_call>.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'system' %}"
+    "{%- elif message['role'] == 'tool' %}"
+    "{{- '<|im_start|>user\\n<tool_response>\\n' + message['content'] + '\\n</tool_response><|im_end|>\\n' }}"
+    "{%- elif message['role'] == 'assistant' and message.tool_calls %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- for tc in message.tool_calls %}"
+    "{%- if tc.function is defined %}{%- set tc = tc.function %}{%- endif %}"
+    "{{- '<tool_call>[{\"name\":\"' + tc.name + '\",\"parameters\":' }}"
+    "{%- if tc.arguments is string %}{{- tc.arguments }}{%- else %}{{- tc.arguments | tojson }}{%- endif %}"
+    "{{- '}]</tool_call>' }}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
 # A BPE trained on DEFAULT_CORPUS runs out of merges well before this; asking for more only costs time.
 TOKENIZER_VOCAB_CAP = 2048
 
@@ -77,6 +114,12 @@ ARCHS: dict[str, ArchSpec] = {
         extra_config={"tie_word_embeddings": False},
     ),
 }
+# ChatML with tools: the demo model and the tool-calling test model; the markers are single special tokens.
+TOOLS_ARCH = "qwen2-tools"
+ARCHS[TOOLS_ARCH] = ArchSpec(
+    model_type="qwen2", chat_template=QWEN_TOOLS_TEMPLATE, bos=ARCHS["qwen2"].bos, eos=ARCHS["qwen2"].eos,
+    specials=ARCHS["qwen2"].specials + (TOOL_CALL_START, TOOL_CALL_END) + REASONING_MARKERS,
+    extra_config=ARCHS["qwen2"].extra_config)
 
 
 def train_tokenizer(corpus: Iterable[str], vocab_size: int, arch: str = "qwen2"):
@@ -128,9 +171,10 @@ def save_tokenizer(tok, out: Path, arch: str = "qwen2", model_max_length: int = 
     # The class genai's tokenizer and AutoTokenizer both recognise for a byte-level BPE.
     cfg_path = out / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())
-    cfg["tokenizer_class"] = "Qwen2Tokenizer" if arch == "qwen2" else "PreTrainedTokenizerFast"
+    qwen = spec.model_type == "qwen2"
+    cfg["tokenizer_class"] = "Qwen2Tokenizer" if qwen else "PreTrainedTokenizerFast"
     cfg["chat_template"] = spec.chat_template
-    cfg["add_bos_token"] = arch != "qwen2"
+    cfg["add_bos_token"] = not qwen
     cfg_path.write_text(json.dumps(cfg, indent=2))
 
 

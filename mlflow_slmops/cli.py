@@ -127,7 +127,7 @@ def _cell(value) -> str:
 
 SWEEP_TABLE_COLUMNS = ["variant", "status", "size_mb", "bits_per_weight", "compression_ratio", "decode_tok_s", "ttft_ms",
                        "peak_rss_mb", "ppl_delta_pct", "kl_div", "src_kl_mean", "src_kl_max", "src_top1_agreement",
-                       "qa_accuracy"]
+                       "qa_accuracy", "tool_call_valid_rate"]
 
 
 @main.command("sweep")

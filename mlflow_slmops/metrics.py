@@ -34,6 +34,8 @@ TOP1_AGREEMENT = "top1_agreement"
 QA_ACCURACY = "qa_accuracy"
 FORMAT_VALID_RATE = "format_valid_rate"
 EDGE_CASES_PASSED = "edge_cases_passed"
+# Valid structured calls ÷ the QA file's tool_call questions: logged only when the QA file has such questions
+TOOL_CALL_VALID_RATE = "tool_call_valid_rate"
 
 # Fidelity, against the source: the user's Hugging Face model run in PyTorch (fp32) over the same chunks
 SRC_KL_MEAN = "src_kl_mean"
@@ -58,11 +60,13 @@ SOURCE_METRICS = (SRC_KL_MEAN, SRC_KL_MEDIAN, SRC_KL_P99, SRC_KL_MAX, SRC_TOP1_A
                   SRC_PPL_DELTA_PCT, SRC_PERPLEXITY)
 # Every successful (benchmarkable) variant run carries all of these (SOURCE_METRICS unless --no-source-check).
 VARIANT_METRICS = SIZE_METRICS + SPEED_METRICS + MEMORY_METRICS + QUALITY_METRICS + SOURCE_METRICS
+# Carried only where the inputs ask for them (a QA file with tool_call questions); tables show them when present.
+OPTIONAL_METRICS = (TOOL_CALL_VALID_RATE,)
 
 # Which direction is better, for Pareto fronts and the champion's objective.
 HIGHER_IS_BETTER = {
     COMPRESSION_RATIO, PREFILL_TOK_S, DECODE_TOK_S, TOP1_AGREEMENT, QA_ACCURACY, FORMAT_VALID_RATE, EDGE_CASES_PASSED,
-    SRC_TOP1_AGREEMENT,
+    SRC_TOP1_AGREEMENT, TOOL_CALL_VALID_RATE,
 }
 
 # On the sweep run: how many samples the calibrated variants were calibrated on

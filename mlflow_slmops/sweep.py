@@ -317,6 +317,7 @@ def _table(outcomes: list[VariantOutcome]):
         row = {"variant": o.variant, "status": o.status, "build_only": o.build_only, "run_id": o.run_id,
                "error": o.error or ""}
         row.update({k: o.metrics.get(k) for k in M.VARIANT_METRICS})
+        row.update({k: o.metrics[k] for k in M.OPTIONAL_METRICS if k in o.metrics})
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -43,7 +43,8 @@ DEFAULT_QA_MAX_NEW_TOKENS = 32
 PROBE_MAX_NEW_TOKENS = 8
 # A chunk of n tokens gives n - 1 next-token predictions to score.
 MIN_CHUNK_TOKENS = 2
-MATCH_RULES = ("exact", "contains", "regex", "json_keys")
+MATCH_RULES = ("exact", "contains", "regex", "json_keys", "tool_call")
+TOOL_CALL_MATCH = "tool_call"
 DEFAULT_MATCH = "contains"
 # A chat model often wraps JSON in a markdown fence; the format check accepts that and nothing else.
 _JSON_FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL | re.IGNORECASE)
@@ -94,6 +95,8 @@ class QaItem:
     prompt: str | None = None
     messages: list[dict] | None = None
     max_new_tokens: int | None = None
+    # OpenAI function tools handed to the chat template with the question (``chat.check_tools``).
+    tools: list[dict] | None = None
 
     def question(self) -> str:
         if self.prompt is not None:
@@ -119,6 +122,8 @@ class QaRow:
     format_valid: bool
     finish_reason: str
     error: str = ""
+    # The structured calls the model answered with, as JSON (OpenAI ``tool_calls``), or "".
+    tool_calls: str = ""
 
 
 @dataclass
@@ -242,6 +247,8 @@ class QualityResult:
     chunks: int
     chunk_tokens: int
     tokens_scored: int
+    # Valid structured calls ÷ tool_call questions; None when the QA file asks for no tool call.
+    tool_call_valid_rate: float | None = None
     # Against the source model (None when the source check was skipped): SourceScores as a dict.
     source: dict | None = None
     source_ref: str | None = None
@@ -257,6 +264,8 @@ class QualityResult:
             metrics.FORMAT_VALID_RATE: self.format_valid_rate,
             metrics.EDGE_CASES_PASSED: float(self.edge_cases_passed),
         }
+        if self.tool_call_valid_rate is not None:
+            out[metrics.TOOL_CALL_VALID_RATE] = self.tool_call_valid_rate
         if self.baseline_dir is not None:
             out[metrics.PPL_DELTA_PCT] = self.ppl_delta_pct
             out[metrics.KL_DIV] = self.kl_div
@@ -286,9 +295,10 @@ def load_qa(path: str | Path) -> list[QaItem]:
     """Read and validate a QA JSONL file. Errors name the file and the 1-based line number.
 
     Each non-blank line is an object with ``prompt`` (a string) or ``messages`` (a chat list),
-    ``expected``, an optional ``match`` (``exact``, ``contains`` (default), ``regex``, ``json_keys``)
-    and an optional ``max_new_tokens``. For ``json_keys``, ``expected`` is a list of required keys, or an
-    object whose keys are required and whose values must be equal.
+    ``expected``, an optional ``match`` (``exact``, ``contains`` (default), ``regex``, ``json_keys``,
+    ``tool_call``), an optional ``max_new_tokens`` and optional ``tools`` (OpenAI function tools). For
+    ``json_keys``, ``expected`` is a list of required keys, or an object whose keys are required and whose values
+    must be equal. For ``tool_call``, ``tools`` is required and ``expected`` is ``{"name": ..., "arguments": {...}}``.
 
     Example:
         >>> load_qa("qa.jsonl")[0].match          # doctest: +SKIP
@@ -318,7 +328,8 @@ def _parse_qa_line(path: Path, n: int, line: str) -> QaItem:
         raise SlmopsError(f"{where} has match {match!r}, expected one of {', '.join(MATCH_RULES)}",
                           "use a supported match rule")
     item = QaItem(line=n, expected=_check_expected(where, match, obj["expected"]), match=match,
-                  max_new_tokens=_check_max_new_tokens(where, obj.get("max_new_tokens")))
+                  max_new_tokens=_check_max_new_tokens(where, obj.get("max_new_tokens")),
+                  tools=_check_tools(where, match, obj.get("tools")))
     if "prompt" in obj:
         if not isinstance(obj["prompt"], str) or not obj["prompt"].strip():
             raise SlmopsError(f"{where} has an empty or non-string 'prompt'", "write the question as a string")
@@ -328,7 +339,25 @@ def _parse_qa_line(path: Path, n: int, line: str) -> QaItem:
     return item
 
 
+def _check_tools(where: str, match: str, tools: Any) -> list[dict] | None:
+    try:
+        tools = chat.check_tools(tools)
+    except SlmopsError as exc:
+        raise SlmopsError(f"{where}: {exc.message}", chat.TOOLS_HINT) from None
+    if match == TOOL_CALL_MATCH and tools is None:
+        raise SlmopsError(f"{where}: match tool_call needs 'tools', the functions the model may call", chat.TOOLS_HINT)
+    return tools
+
+
 def _check_expected(where: str, match: str, expected: Any) -> Any:
+    if match == TOOL_CALL_MATCH:
+        ok = (isinstance(expected, dict) and isinstance(expected.get("name"), str) and expected["name"]
+              and isinstance(expected.get("arguments", {}), dict) and set(expected) <= {"name", "arguments"})
+        if not ok:
+            raise SlmopsError(f"{where}: tool_call needs 'expected' as an object with a 'name' and optional "
+                              f"'arguments' object, found {expected!r}",
+                              'write "expected": {"name": "get_weather", "arguments": {"city": "Oslo"}}')
+        return expected
     if match == "json_keys":
         ok_list = isinstance(expected, list) and expected and all(isinstance(k, str) and k for k in expected)
         if not (ok_list or (isinstance(expected, dict) and expected)):
@@ -366,13 +395,18 @@ def _check_messages(where: str, messages: Any) -> list[dict]:
 # ---------------------------------------------------------------- matching
 
 
-def judge(item: QaItem, answer: str) -> tuple[bool, bool]:
-    """(correct, format_valid) of an answer under the item's match rule. See docs/metrics.md.
+def judge(item: QaItem, answer: str, tool_calls: list[dict] | None = None) -> tuple[bool, bool]:
+    """(correct, format_valid) of an answer (and the structured calls it made) under the item's match rule.
+    See docs/metrics.md.
 
     Example:
         >>> judge(QaItem(line=1, expected=["a"], match="json_keys", prompt="q"), '{"a": 1}')
         (True, True)
     """
+    if item.match == TOOL_CALL_MATCH:
+        return _judge_call(item, tool_calls or [])
+    if tool_calls:  # a call where words were asked for
+        return False, False
     text = answer.strip()
     if item.match == "exact":
         return text == item.expected.strip(), bool(text) and "\n" not in text
@@ -387,6 +421,24 @@ def judge(item: QaItem, answer: str) -> tuple[bool, bool]:
     if isinstance(item.expected, dict):
         return valid and all(obj[k] == v for k, v in item.expected.items()), valid
     return valid, valid
+
+
+def _judge_call(item: QaItem, calls: list[dict]) -> tuple[bool, bool]:
+    """Valid: at least one call, every call names a listed tool and its arguments are a JSON object holding the
+    tool's required parameters. Correct: valid, and one call has the expected name and (if given) arguments."""
+    required = {t["function"]["name"]: set((t["function"].get("parameters") or {}).get("required") or ())
+                for t in item.tools or []}
+    parsed = []
+    for call in calls:
+        args = parse_json_object(call["function"]["arguments"])
+        if call["function"]["name"] not in required or args is None or not required[call["function"]["name"]] <= set(args):
+            return False, False
+        parsed.append((call["function"]["name"], args))
+    valid = bool(parsed)
+    want_args = item.expected.get("arguments")
+    correct = valid and any(name == item.expected["name"] and (want_args is None or args == want_args)
+                            for name, args in parsed)
+    return correct, valid
 
 
 def parse_json_object(text: str) -> dict | None:
@@ -618,27 +670,30 @@ def answer_qa(gm: Any, items: list[QaItem], default_max_new_tokens: int,
     rows = []
     for i, item in enumerate(items):
         limit = item.max_new_tokens or default_max_new_tokens
-        answer, finish, error = "", "error", ""
+        answer, finish, error, calls = "", "error", "", []
         try:
-            answer, finish = _ask(gm, item, limit)
+            answer, finish, calls = _ask(gm, item, limit)
         except SlmopsError as exc:  # for example a question longer than the context: a wrong answer
             error = exc.message
-        correct, valid = judge(item, answer) if not error else (False, False)
+        correct, valid = judge(item, answer, calls) if not error else (False, False)
         expected = item.expected if isinstance(item.expected, str) else json.dumps(item.expected)
+        shown = json.dumps([c["function"] for c in calls]) if calls else ""
         rows.append(QaRow(line=item.line, question=item.question(), expected=expected, match=item.match,
-                          answer=answer, correct=correct, format_valid=valid, finish_reason=finish, error=error))
+                          answer=answer, correct=correct, format_valid=valid, finish_reason=finish, error=error,
+                          tool_calls=shown))
         if on_item:
             on_item(i + 1, len(items))
     return rows
 
 
-def _ask(gm: Any, item: QaItem, max_new_tokens: int) -> tuple[str, str]:
-    if gm.chat_template is None and item.prompt is not None:
+def _ask(gm: Any, item: QaItem, max_new_tokens: int) -> tuple[str, str, list[dict]]:
+    """(text, finish reason, structured tool calls) of one greedy answer."""
+    if gm.chat_template is None and item.prompt is not None and item.tools is None:
         gen = gm.generate(item.prompt, max_new_tokens=max_new_tokens, do_sample=False)
-        return gen.text, gen.finish_reason
-    out = gm.chat(item.chat_messages(), max_new_tokens=max_new_tokens, do_sample=False)
+        return gen.text, gen.finish_reason, []
+    out = gm.chat(item.chat_messages(), tools=item.tools, max_new_tokens=max_new_tokens, do_sample=False)
     choice = out["choices"][0]
-    return choice["message"]["content"], choice["finish_reason"]
+    return choice["message"]["content"] or "", choice["finish_reason"], choice["message"].get("tool_calls") or []
 
 
 def _user(content: str) -> list[dict]:
@@ -804,10 +859,16 @@ def _result(model_dir: str | Path, baseline_dir: str | Path | None, text_path: P
         top1_agreement=scores.top1_agreement,
         qa_accuracy=sum(r.correct for r in qa_rows) / len(qa_rows),
         format_valid_rate=sum(r.format_valid for r in qa_rows) / len(qa_rows),
+        tool_call_valid_rate=_tool_call_valid_rate(qa_rows),
         edge_cases_passed=sum(r.passed for r in probe_rows), edge_cases_total=len(probe_rows),
         chunks=scores.chunks, chunk_tokens=scores.chunk_tokens, tokens_scored=scores.tokens_scored,
         qa_rows=[asdict(r) for r in qa_rows], probe_rows=[asdict(r) for r in probe_rows],
     )
+
+
+def _tool_call_valid_rate(qa_rows: list[QaRow]) -> float | None:
+    calls = [r for r in qa_rows if r.match == TOOL_CALL_MATCH]
+    return sum(r.format_valid for r in calls) / len(calls) if calls else None
 
 
 def run_evaluate(model_dir: str | Path, text_path: str | Path | None = None, qa_path: str | Path | None = None,

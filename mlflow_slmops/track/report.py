@@ -193,7 +193,7 @@ def report_markdown(df: pd.DataFrame, sweep_run_id: str | None = None) -> str:
     if len(build_only):
         lines += ["", "## Build-only variants (not measured on this machine)", ""]
         lines += [f"- {v}" for v in build_only["variant"]]
-    lines += ["", "## All variants", "", markdown_table(df, ["variant", "status", *M.VARIANT_METRICS])]
+    lines += ["", "## All variants", "", markdown_table(df, ["variant", "status", *M.VARIANT_METRICS, *M.OPTIONAL_METRICS])]
     return "\n".join(lines) + "\n"
 
 

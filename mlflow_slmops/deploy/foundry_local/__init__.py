@@ -222,29 +222,30 @@ class FoundryLocalDeploymentClient(BaseDeploymentClient):
         Args:
             deployment_name: the deployment's name.
             inputs: ``{"messages": [...], "max_tokens": 16, ...}`` (options: max_tokens, temperature, top_p,
-                top_k, seed, do_sample; unset ones keep the deployed genai_config.json search defaults), a list
-                of messages, a list of conversations, or the DataFrame that ``mlflow deployments predict
-                --input-path`` reads from such JSON.
+                top_k, seed, do_sample; unset ones keep the deployed genai_config.json search defaults; ``tools``,
+                OpenAI function tools, for a model deployed with tool calling), a list of messages, a list of
+                conversations, or the DataFrame that ``mlflow deployments predict --input-path`` reads from such
+                JSON.
 
         Returns:
             For one conversation, the ``chat.completion`` itself (``response["choices"][0]["message"]``);
             for several, ``{"predictions": [chat.completion, ...]}``.
         """
         entry = self._entry(fcache.validate_name(deployment_name or ""))
-        conversations, options = _chat_inputs(inputs)
+        conversations, options, tools = _chat_inputs(inputs)
         rt = self._runtime_with(entry)
-        results = [_completion(entry.model_id, rt.chat(entry.model_id, conv, options)) for conv in conversations]
+        results = [_completion(entry.model_id, rt.chat(entry.model_id, conv, options, tools)) for conv in conversations]
         return PredictionsResponse(results[0] if len(results) == 1 else {"predictions": results})
 
     @_friendly
     def predict_stream(self, deployment_name=None, inputs=None, endpoint=None) -> Iterator[dict]:
         """Stream one chat as OpenAI-style ``chat.completion.chunk`` dicts (the last one has the usage)."""
         entry = self._entry(fcache.validate_name(deployment_name or ""))
-        conversations, options = _chat_inputs(inputs)
+        conversations, options, tools = _chat_inputs(inputs)
         if len(conversations) != 1:
             raise SlmopsError(f"streaming takes one conversation, got {len(conversations)}", "send one message list")
         rt = self._runtime_with(entry)
-        return _friendly_iter(_chunks(entry.model_id, rt.chat_stream(entry.model_id, conversations[0], options)))
+        return _friendly_iter(_chunks(entry.model_id, rt.chat_stream(entry.model_id, conversations[0], options, tools)))
 
     def _runtime_with(self, entry: fcache.Entry):
         from mlflow_slmops.deploy.foundry_local import runtime
@@ -427,8 +428,8 @@ def _conversations_from_frame(df) -> tuple[list[list[dict]], dict]:
     raise SlmopsError(f"input columns {list(df.columns)} hold no chat", chat.MESSAGES_HINT)
 
 
-def _chat_inputs(inputs: Any) -> tuple[list[list[dict]], Any]:
-    """Conversations and options from any accepted input form."""
+def _chat_inputs(inputs: Any) -> tuple[list[list[dict]], Any, list[dict] | None]:
+    """Conversations, options and tools from any accepted input form."""
     import pandas as pd
 
     options: dict = {}
@@ -448,11 +449,20 @@ def _chat_inputs(inputs: Any) -> tuple[list[list[dict]], Any]:
     else:
         raise SlmopsError(f"cannot read chat input of type {type(inputs).__name__}",
                           chat.MESSAGES_HINT)
-    return conversations, _chat_options(options)
+    tools = chat.check_tools(_plain(options.pop("tools", None)))
+    return conversations, _chat_options(options), tools
+
+
+def _plain(value: Any) -> Any:
+    """A DataFrame cell as plain JSON values (pandas may hand back numpy arrays for lists)."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    return [_plain(v) for v in value] if isinstance(value, list) else value
 
 
 def _completion(model_id: str, result) -> dict:
-    return chat.completion(model_id, result.text, result.finish_reason, result.prompt_tokens, result.completion_tokens)
+    return chat.completion(model_id, result.text, result.finish_reason, result.prompt_tokens, result.completion_tokens,
+                           tool_calls=list(result.tool_calls))
 
 
 def _chunks(model_id: str, pieces: Iterator) -> Iterator[dict]:
@@ -461,6 +471,10 @@ def _chunks(model_id: str, pieces: Iterator) -> Iterator[dict]:
     base = {"id": chat.completion_id(), "object": "chat.completion.chunk", "created": int(time.time()),
             "model": model_id}
     for piece in pieces:
+        if isinstance(piece, ChatResult) and piece.tool_calls:
+            deltas = [{"index": i, **call} for i, call in enumerate(piece.tool_calls)]
+            yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "tool_calls": deltas},
+                                        "finish_reason": None}]}
         if isinstance(piece, ChatResult):
             yield {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": piece.finish_reason}],
                    "usage": chat.usage(piece.prompt_tokens, piece.completion_tokens)}

@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ FOUNDRY_DEFAULT_OUTPUT_TOKENS = 2048
 # Tokens the estimate may miss where the template's text and the rendered prompt tokenize differently.
 PROMPT_TOKEN_MARGIN = 8
 LOCAL_ROUTE = "/catalogs/local/v1"  # the web service serves registered local models only under this prefix
-_ROLES = ("system", "user", "assistant", "developer")
+_ROLES = ("system", "user", "assistant", "developer", "tool")
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,8 @@ class ChatResult:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str
+    # OpenAI-shaped tool calls ({"id", "type": "function", "function": {"name", "arguments"}}) the runtime returned.
+    tool_calls: tuple[dict, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -216,10 +219,14 @@ class FoundryRuntime:
             except Exception:  # already unloaded by the runtime: nothing to release
                 pass
 
-    def _session(self, model_id: str, options: ChatOptions, messages: list[dict]):
+    def _session(self, model_id: str, options: ChatOptions, messages: list[dict], tools: list[dict] | None):
         from foundry_local_sdk import ChatSession, RequestOptions, SearchOptions
 
         session = ChatSession(self.load(model_id))
+        for tool in tools or ():  # OpenAI function tools, already checked by chat.check_tools
+            fn = tool["function"]
+            session.add_tool_definition(fn["name"], fn.get("description") or "",
+                                        json.dumps(fn.get("parameters") or {"type": "object", "properties": {}}))
         defaults = self._defaults_of(model_id)
         # Foundry Local samples unless told otherwise, whatever genai_config.json says: pass the model's default.
         do_sample = options.do_sample if options.do_sample is not None else defaults.do_sample
@@ -237,43 +244,51 @@ class FoundryRuntime:
 
     @staticmethod
     def _request(messages: list[dict]):
-        from foundry_local_sdk import MessageItem, Request
+        from foundry_local_sdk import Request
 
         request = Request()
         for msg in messages:
             if msg["role"] not in _ROLES:
                 raise SlmopsError(f"message role {msg['role']!r} is not supported", f"use one of {', '.join(_ROLES)}")
-            request.add_item(getattr(MessageItem, msg["role"])(msg["content"]))
+            request.add_item(_message_item(msg))
         return request
 
-    def chat(self, model_id: str, messages: list[dict], options: ChatOptions) -> ChatResult:
-        """One chat completion through the runtime (the model's own chat template builds the prompt)."""
+    def chat(self, model_id: str, messages: list[dict], options: ChatOptions,
+             tools: list[dict] | None = None) -> ChatResult:
+        """One chat completion through the runtime (the model's own chat template builds the prompt); with
+        ``tools``, the runtime's structured calls come back in ``tool_calls``."""
         try:
-            with self._session(model_id, options, messages) as session, self._request(messages) as req:
+            with self._session(model_id, options, messages, tools) as session, self._request(messages) as req:
                 with session.process_request(req) as resp:
-                    text = "".join(_texts(resp))
+                    items = list(resp)
+                    text = "".join(t for item in items for t in _texts_of(item))
                     usage = resp.get_usage()
-                    return ChatResult(text, usage.prompt_tokens, usage.completion_tokens, _finish(resp.finish_reason))
+                    return ChatResult(text, usage.prompt_tokens, usage.completion_tokens, _finish(resp.finish_reason),
+                                      tuple(c for item in items for c in _calls_of(item)))
         except SlmopsError:
             raise
         except Exception as exc:
             raise _error(f"answer a chat with {model_id}", exc)
 
-    def chat_stream(self, model_id: str, messages: list[dict], options: ChatOptions) -> Iterator[str | ChatResult]:
-        """Yields text pieces as they are generated, then one ChatResult with the usage and finish reason."""
+    def chat_stream(self, model_id: str, messages: list[dict], options: ChatOptions,
+                    tools: list[dict] | None = None) -> Iterator[str | ChatResult]:
+        """Yields text pieces as they are generated, then one ChatResult with the usage, finish reason and calls."""
         parts: list[str] = []
+        calls: list[dict] = []
         try:
-            with self._session(model_id, options, messages) as session, self._request(messages) as req:
+            with self._session(model_id, options, messages, tools) as session, self._request(messages) as req:
                 session.set_streaming(True)
                 with session.process_streaming_request(req) as stream:
                     for item in stream:
+                        calls += _calls_of(item)
                         for piece in _texts_of(item):
                             parts.append(piece)
                             yield piece
                     with stream.final_response as final:
                         usage = final.get_usage()
+                        calls = calls or [c for item in final for c in _calls_of(item)]
                         yield ChatResult("".join(parts), usage.prompt_tokens, usage.completion_tokens,
-                                         _finish(final.finish_reason))
+                                         _finish(final.finish_reason), tuple(calls))
         except SlmopsError:
             raise
         except Exception as exc:
@@ -327,8 +342,33 @@ def _texts_of(item) -> list[str]:
     return []
 
 
-def _texts(response) -> list[str]:
-    return [text for item in response for text in _texts_of(item)]
+def _calls_of(item) -> list[dict]:
+    """The OpenAI-shaped tool calls an item is or holds."""
+    from foundry_local_sdk import MessageItem, ToolCallItem
+
+    if isinstance(item, ToolCallItem):
+        return [{"id": item.call_id, "type": "function", "function": {"name": item.name, "arguments": item.arguments}}]
+    if isinstance(item, MessageItem):
+        return [c for p in item.parts for c in _calls_of(p)]
+    return []
+
+
+def _message_item(msg: dict):
+    """A chat message as the runtime's item: an assistant's tool calls and a tool result as their own parts."""
+    from foundry_local_sdk import MessageItem, MessageRole, TextItem, ToolCallItem, ToolResultItem
+
+    if msg["role"] == "tool":
+        return MessageItem(MessageRole.TOOL, [ToolResultItem(msg.get("tool_call_id") or "", msg["content"])])
+    calls = msg.get("tool_calls") or []
+    if msg["role"] == "assistant" and calls:
+        parts = [TextItem(msg["content"])] if msg["content"] else []
+        for call in calls:
+            fn = call.get("function") or {}
+            args = fn.get("arguments", "{}")
+            parts.append(ToolCallItem(call.get("id") or "", fn.get("name") or "",
+                                      args if isinstance(args, str) else json.dumps(args)))
+        return MessageItem(MessageRole.ASSISTANT, parts)
+    return getattr(MessageItem, msg["role"])(msg["content"])
 
 
 def _finish(reason) -> str:
