@@ -28,7 +28,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import Iterable
 
-from devkit import toolmodel, toymodel
+from devkit import ordertool, toymodel
 
 # Bump when the dataset or the training code changes in a way the hash of the examples cannot see.
 DEMO_FORMAT_VERSION = 2
@@ -331,13 +331,13 @@ def heldout_qa() -> list[dict]:
 
 
 # --- the tool ------------------------------------------------------------------------------------
-# The demo model also calls one tool, get_order_status(order_id), when asked about an order (devkit.toolmodel
+# The demo model also calls one tool, get_order_status(order_id), when asked about an order (devkit.ordertool
 # holds the tool, the order numbers and the question wordings it shares with the tool-calling test model).
 TOOL_DATA_SEED = DATA_SEED + 3
-ORDER_TOOL = toolmodel.ORDER_TOOL
+ORDER_TOOL = ordertool.ORDER_TOOL
 # A question needing the tool, in a held-out wording, for the demo's last step.
-SAMPLE_TOOL_QUESTION = toolmodel.HELDOUT_ORDER_QUESTIONS[0].format(id=toolmodel.ORDER_IDS[0])
-SAMPLE_TOOL_ARGUMENTS = {toolmodel.TOOL_ARGUMENT: toolmodel.ORDER_IDS[0]}
+SAMPLE_TOOL_QUESTION = ordertool.HELDOUT_ORDER_QUESTIONS[0].format(id=ordertool.ORDER_IDS[0])
+SAMPLE_TOOL_ARGUMENTS = {ordertool.TOOL_ARGUMENT: ordertool.ORDER_IDS[0]}
 # Share of tool conversations trained with the tools section in the prompt: the pyfunc and `mlflow models serve`
 # hand the tools to the template; Foundry Local 2.2.1 does not (see toymodel.QWEN_TOOLS_TEMPLATE), so the model
 # must call from the question alone too.
@@ -351,18 +351,18 @@ TOOL_CALL_MAX_NEW_TOKENS = 48
 
 
 def _tool_call_message(oid: str) -> tuple[str, str]:
-    return ("assistant", toolmodel.call_text(oid))
+    return ("assistant", ordertool.call_text(oid))
 
 
 def _tool_examples(rng: random.Random) -> list[Example]:
     """Order questions answered with a call, a tool result answered in words, facts asked beside the tool."""
     out = []
-    for oid in toolmodel.ORDER_IDS:
-        for question in toolmodel.ORDER_QUESTIONS * CALL_COPIES:
+    for oid in ordertool.ORDER_IDS:
+        for question in ordertool.ORDER_QUESTIONS * CALL_COPIES:
             tools = rng.random() < TOOLS_SECTION_SHARE
             out.append(Example(messages=(("user", question.format(id=oid)), _tool_call_message(oid)), tools=tools))
-        for status, reply in toolmodel.TOOL_RESULTS:
-            question = rng.choice(toolmodel.ORDER_QUESTIONS).format(id=oid)
+        for status, reply in ordertool.TOOL_RESULTS:
+            question = rng.choice(ordertool.ORDER_QUESTIONS).format(id=oid)
             turns = (("user", question), _tool_call_message(oid), ("tool", json.dumps({"status": status})),
                      ("assistant", reply.format(id=oid)))
             out.append(Example(messages=turns, tools=rng.random() < TOOLS_SECTION_SHARE))
@@ -376,9 +376,9 @@ def _tool_examples(rng: random.Random) -> list[Example]:
 def heldout_tool_qa() -> list[dict]:
     """Order questions in held-out wordings, each expecting one get_order_status call (``match: tool_call``)."""
     return [{"messages": [{"role": "user", "content": q.format(id=oid)}], "tools": [ORDER_TOOL],
-             "expected": {"name": toolmodel.TOOL_NAME, "arguments": {toolmodel.TOOL_ARGUMENT: oid}},
+             "expected": {"name": ordertool.TOOL_NAME, "arguments": {ordertool.TOOL_ARGUMENT: oid}},
              "match": "tool_call", "max_new_tokens": TOOL_CALL_MAX_NEW_TOKENS}
-            for oid in toolmodel.ORDER_IDS for q in toolmodel.HELDOUT_ORDER_QUESTIONS]
+            for oid in ordertool.ORDER_IDS for q in ordertool.HELDOUT_ORDER_QUESTIONS]
 
 
 def _qa_row(user: str, expected: str | list[str], match: str, rng: random.Random) -> dict:
@@ -438,7 +438,7 @@ def train_demo_tokenizer(examples: list[Example], vocab_size: int):
 def render_chat(messages: list[dict], add_generation_prompt: bool, tools: bool = False) -> str:
     """Render with the exact template saved in the model folder (what genai applies at inference), the order
     tool listed when ``tools``."""
-    return toolmodel.render(messages, tools, add_generation_prompt)
+    return ordertool.render(messages, tools, add_generation_prompt)
 
 
 def encode_example(tok, example: Example) -> tuple[list[int], list[int]]:

@@ -143,16 +143,3 @@ def mlflow_server_pg(postgres, tmp_path_factory):
         yield server.url
     finally:
         stop_process(server.proc)
-
-
-@pytest.fixture(scope="session")
-def tool_hf(models_root) -> Path:
-    """The tool-calling model (devkit.toolmodel): trained once per session, under a minute on 2 cores."""
-    from devkit.toolmodel import build_tool_model
-
-    return build_tool_model(models_root / "tool-cache")
-
-
-@pytest.fixture(scope="session")
-def tool_genai_fp32(tool_hf, models_root) -> Path:
-    return _convert(tool_hf, models_root / "genai-tool-fp32", "fp32")

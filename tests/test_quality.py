@@ -181,6 +181,41 @@ def test_match_rules_judge_correctness_and_format(match, expected, answer, corre
     assert judge(_item(match, expected), answer) == (correct, valid)
 
 
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def _call(name: str, arguments: str) -> dict:
+    return {"id": "call_1", "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+@pytest.mark.parametrize("calls,answer,correct,valid", [
+    ([_call("get_weather", '{"city": "Oslo"}')], "", True, True),
+    ([_call("get_weather", '{"city": "Bergen"}')], "", False, True),  # a valid call with the wrong argument
+    ([_call("get_time", '{"city": "Oslo"}')], "", False, False),  # a tool that was never offered
+    ([_call("get_weather", '{"town": "Oslo"}')], "", False, False),  # the required parameter is missing
+    ([_call("get_weather", "Oslo")], "", False, False),  # arguments that are not a JSON object
+    ([], '<tool_call>[{"name": "get_weather"', False, False),  # a call left as text is no call
+    ([_call("get_weather", '{"city": "Bergen"}'), _call("get_weather", '{"city": "Oslo"}')], "", True, True),
+])
+def test_tool_call_rule_judges_the_structured_call_against_the_offered_tools(calls, answer, correct, valid):
+    item = QaItem(line=1, expected={"name": "get_weather", "arguments": {"city": "Oslo"}}, match="tool_call",
+                  prompt="Weather in Oslo?", tools=[WEATHER_TOOL])
+    assert judge(item, answer, calls) == (correct, valid)
+
+
+def test_a_call_where_words_were_asked_for_is_wrong_and_invalid():
+    assert judge(_item("contains", "Oslo"), "", [_call("get_weather", '{"city": "Oslo"}')]) == (False, False)
+
+
+def test_tool_call_valid_rate_counts_only_tool_call_questions():
+    rows = [quality.QaRow(1, "q", "e", "tool_call", "", True, True, "tool_calls"),
+            quality.QaRow(2, "q", "e", "tool_call", "", False, False, "stop"),
+            quality.QaRow(3, "q", "e", "contains", "x", False, False, "stop")]
+    assert quality._tool_call_valid_rate(rows) == 0.5
+    assert quality._tool_call_valid_rate(rows[2:]) is None
+
+
 @pytest.mark.parametrize("lines,needle", [
     (['{"prompt": "a", "expected": "b"}', '{"prompt": "a", "expected": '], "line 2 is not valid JSON"),
     (['{"prompt": "a", "expected": "b"}', "", '["not", "an", "object"]'], "line 3 holds a JSON list"),
@@ -191,6 +226,10 @@ def test_match_rules_judge_correctness_and_format(match, expected, answer, corre
     (['{"prompt": "a", "expected": "name", "match": "json_keys"}'], "line 1: json_keys needs"),
     (['{"messages": [{"role": "user"}], "expected": "b"}'], "line 1: 'messages' must be"),
     (['{"prompt": "a", "expected": "b", "max_new_tokens": 0}'], "line 1: max_new_tokens is 0"),
+    (['{"prompt": "a", "expected": {"name": "f"}, "match": "tool_call"}'], "line 1: match tool_call needs 'tools'"),
+    (['{"prompt": "a", "expected": "f", "match": "tool_call", "tools": [{"type": "function", "function": '
+      '{"name": "f"}}]}'], "line 1: tool_call needs 'expected' as an object"),
+    (['{"prompt": "a", "expected": "b", "tools": [{"name": "f"}]}'], "line 1: tools[0] is"),
     (["", "   "], "is empty"),
 ])
 def test_bad_qa_file_is_refused_naming_the_line(tmp_path, lines, needle):

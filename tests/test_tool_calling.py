@@ -1,8 +1,10 @@
 """Tool calls, reasoning markers and pre-flight checks of the foundry-local target, against the real runtime.
 
-The tool-calling model is devkit.toolmodel's, trained once per session: random-weight models cannot write a
-tool call. Its calls go through the real `mlflow deployments run-local` (Foundry Local's own web service) and the
-real OpenAI client, streamed and not; the registration metadata is read back by a fresh foundry-local-sdk process.
+The tool-calling model is the demo model (devkit.demo), trained once per session with its one tool,
+get_order_status (devkit.ordertool): random-weight models cannot write a tool call. Its calls go through the real
+`mlflow deployments run-local` (Foundry Local's own web service) with the real OpenAI client, and through the
+deployment's in-process predict, streamed and not; the registration metadata is read back by a fresh
+foundry-local-sdk process.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from types import SimpleNamespace
 import mlflow
 import pytest
 
-from devkit import toolmodel
+from devkit import ordertool
 from mlflow_slmops import flavor
 from mlflow_slmops.deploy.foundry_local import capabilities, preflight
 from mlflow_slmops.errors import SlmopsError
@@ -33,7 +35,9 @@ from tests.helpers import (
 from tests.test_deployment import WAIT_S, deploy_args, deploy_cli, model_dir, wait_for
 
 NAME = "order-assistant"
-ORDER_QUESTION = "Where is my order KS-461?"  # a training phrasing: the small model calls reliably on it
+ORDER_ID = "KS-237"
+ORDER_QUESTION = f"Where is my order {ORDER_ID}?"  # a training phrasing: the small model calls reliably on it
+ORDER_ARGUMENTS = {ordertool.TOOL_ARGUMENT: ORDER_ID}
 # Output budget of a request with tools: Foundry Local's guided retry of a malformed call needs room (at 64 tokens,
 # 1 of 8 sampled requests came back; at 200, 8 of 8).
 TOOL_BUDGET = 200
@@ -51,7 +55,7 @@ print(json.dumps({"supports_tool_calling": info.supports_tool_calling,
                   "reasoning_start": info.get_string_property("reasoning_start")}))
 """
 
-QWEN3_THINK_TEMPLATE = toolmodel.QWEN_TOOLS_TEMPLATE.replace(
+QWEN3_THINK_TEMPLATE = ordertool.QWEN_TOOLS_TEMPLATE.replace(
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}",
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
     "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
@@ -73,7 +77,7 @@ def _variant(genai: Path, work: Path, name: str, template: str | None = None, ed
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory, tool_genai_fp32, genai_qwen_fp32):
+def models(tmp_path_factory, demo_genai_fp32, genai_qwen_fp32):
     """One tracking store: the tool model (registered), a reasoning variant, and folders the pre-flight refuses."""
     root = tmp_path_factory.mktemp("tool-registry")
     patch = pytest.MonkeyPatch()
@@ -94,13 +98,13 @@ def models(tmp_path_factory, tool_genai_fp32, genai_qwen_fp32):
         cfg["model"]["decoder"]["session_options"]["provider_options"] = [{"cuda": {}}]
         return cfg
 
-    log(tool_genai_fp32, registered_model_name=NAME)
-    thinking = _variant(tool_genai_fp32, root, "thinking", QWEN3_THINK_TEMPLATE)
+    log(demo_genai_fp32, registered_model_name=NAME)
+    thinking = _variant(demo_genai_fp32, root, "thinking", QWEN3_THINK_TEMPLATE)
     yield SimpleNamespace(
         uri=uri, tools=f"models:/{NAME}/1", thinking=str(thinking), chatml=str(_variant(genai_qwen_fp32, root, "chatml")),
         unknown_key=str(_variant(genai_qwen_fp32, root, "unknown-key", edit=unknown_key)),
         cuda=str(_variant(genai_qwen_fp32, root, "cuda", edit=cuda)),
-        not_single=str(_variant(genai_qwen_fp32, root, "not-single", toolmodel.QWEN_TOOLS_TEMPLATE)),
+        not_single=str(_variant(genai_qwen_fp32, root, "not-single", ordertool.QWEN_TOOLS_TEMPLATE)),
     )
     patch.undo()
     mlflow.set_tracking_uri(None)
@@ -113,7 +117,11 @@ def sdk_info(cache: Path, model_id: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _first_call(ask):
+class NoCall(Exception):
+    """A sampled answer that holds no structured call: the next seed may."""
+
+
+def _first_call(ask, retry_on: tuple[type[Exception], ...] | None = None):
     """The first answer of up to SEEDS sampled tries that Foundry Local returns without an error.
 
     Foundry Local samples (it ignores do_sample=false), writes the model's call, checks it against the tool
@@ -126,7 +134,7 @@ def _first_call(ask):
     for seed in range(SEEDS):
         try:
             return ask(seed)
-        except openai.APIError as exc:
+        except retry_on or (openai.APIError,) as exc:
             errors.append(str(exc)[:200])
     raise AssertionError(f"no try of {SEEDS} came back: {errors}")
 
@@ -159,18 +167,18 @@ def test_run_local_returns_structured_tool_calls_to_the_openai_client_streamed_a
         base_url = next(ln.split("base URL:")[1].strip() for ln in lines if "base URL:" in ln)
         client = openai.OpenAI(base_url=base_url, api_key="unused")
         request = {"model": f"{NAME}:1", "messages": [{"role": "user", "content": ORDER_QUESTION}],
-                   "tools": [toolmodel.ORDER_TOOL], "max_tokens": TOOL_BUDGET}
+                   "tools": [ordertool.ORDER_TOOL], "max_tokens": TOOL_BUDGET}
         reply = _first_call(lambda seed: client.chat.completions.create(**request, seed=seed))
         calls = reply.choices[0].message.tool_calls
         assert reply.choices[0].finish_reason == "tool_calls" and calls, reply.model_dump()
-        assert calls[0].type == "function" and calls[0].function.name == toolmodel.TOOL_NAME
-        assert isinstance(json.loads(calls[0].function.arguments)[toolmodel.TOOL_ARGUMENT], str)
-        assert toolmodel.TOOL_CALL_START not in (reply.choices[0].message.content or "")
+        assert calls[0].type == "function" and calls[0].function.name == ordertool.TOOL_NAME
+        assert json.loads(calls[0].function.arguments) == ORDER_ARGUMENTS
+        assert ordertool.TOOL_CALL_START not in (reply.choices[0].message.content or "")
 
         streamed, finish = _first_call(
             lambda seed: _stream_calls(client.chat.completions.create(**request, seed=seed, stream=True)))
         # The small model may put more than one call in its array; each is a whole, structured call.
-        assert finish == "tool_calls" and streamed and {c["name"] for c in streamed} == {toolmodel.TOOL_NAME}, streamed
+        assert finish == "tool_calls" and streamed and {c["name"] for c in streamed} == {ordertool.TOOL_NAME}, streamed
         assert all(isinstance(json.loads(c["arguments"]), dict) for c in streamed), streamed
 
         plain = client.chat.completions.create(model=f"{NAME}:1", max_tokens=12,
@@ -182,13 +190,64 @@ def test_run_local_returns_structured_tool_calls_to_the_openai_client_streamed_a
         stop_process(proc)
 
 
+def test_deployment_predict_takes_tools_and_returns_foundry_locals_structured_calls_in_process(models, tmp_path):
+    """`mlflow deployments predict` (the in-process runtime, no web service): tools in, tool_calls out, streamed and
+    not, and a tool result sent back is answered in words."""
+    from mlflow.deployments import get_deploy_client
+
+    client = get_deploy_client(f"foundry-local:{tmp_path / 'cache'}")
+    client.create_deployment(NAME, models.tools)
+    request = {"messages": [{"role": "user", "content": ORDER_QUESTION}], "tools": [ordertool.ORDER_TOOL],
+               "max_tokens": TOOL_BUDGET}
+    from mlflow.exceptions import MlflowException
+
+    retry_on = (MlflowException, NoCall)
+    reply = _first_call(lambda seed: _with_call(client.predict(deployment_name=NAME, inputs={**request, "seed": seed})),
+                        retry_on)
+    choice = reply["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None, choice
+    call = choice["message"]["tool_calls"][0]
+    assert call["type"] == "function" and call["function"]["name"] == ordertool.TOOL_NAME and call["id"]
+    assert json.loads(call["function"]["arguments"]) == ORDER_ARGUMENTS
+
+    def streamed(seed: int) -> tuple[list[dict], dict]:
+        chunks = list(client.predict_stream(deployment_name=NAME, inputs={**request, "seed": seed}))
+        calls = [t for c in chunks for t in c["choices"][0]["delta"].get("tool_calls", [])]
+        if not calls:
+            raise NoCall(str(chunks))
+        return calls, chunks[-1]
+
+    calls, last = _first_call(streamed, retry_on)
+    assert {c["function"]["name"] for c in calls} == {ordertool.TOOL_NAME} and calls[0]["index"] == 0
+    assert last["choices"][0]["finish_reason"] == "tool_calls" and last["usage"]["completion_tokens"] > 0, last
+
+    result = [{"role": "user", "content": ORDER_QUESTION}, {"role": "assistant", "content": None, "tool_calls": [call]},
+              {"role": "tool", "tool_call_id": call["id"], "content": json.dumps({"status": "shipped"})}]
+    answer = client.predict(deployment_name=NAME, inputs={"messages": result, "max_tokens": 32})["choices"][0]
+    assert answer["finish_reason"] == "stop" and answer["message"]["content"].strip(), answer
+
+
+def test_tools_that_are_not_function_tools_are_refused_in_one_line(models, tmp_path):
+    cache = tmp_path / "cache"
+    assert deploy_cli("create", cache, NAME, "-m", models.tools).returncode == 0
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}], "tools": [{"name": "f"}]}))
+    assert_one_line_error(deploy_cli("predict", cache, NAME, "--input-path", str(request)), "tools[0]")
+
+
+def _with_call(reply: dict) -> dict:
+    if not reply["choices"][0]["message"].get("tool_calls"):
+        raise NoCall(str(reply["choices"][0]["message"]))
+    return reply
+
+
 def test_tool_calling_is_detected_registered_and_switched_off_with_config(models, tmp_path):
     on, off = tmp_path / "on", tmp_path / "off"
     assert deploy_cli("create", on, NAME, "-m", models.tools).returncode == 0
     done = deploy_cli("create", off, NAME, "-m", models.tools, "-C", "tool_calling=off")
     assert done.returncode == 0, done.stderr
     assert sdk_info(on, f"{NAME}:1")["supports_tool_calling"] is True
-    assert sdk_info(on, f"{NAME}:1")["tool_call_start"] == toolmodel.TOOL_CALL_START
+    assert sdk_info(on, f"{NAME}:1")["tool_call_start"] == ordertool.TOOL_CALL_START
     assert sdk_info(off, f"{NAME}:1")["supports_tool_calling"] is None
     on_cfg = json.loads((model_dir(on, 1, NAME) / "genai_config.json").read_text())["model"]
     off_cfg = json.loads((model_dir(off, 1, NAME) / "genai_config.json").read_text())["model"]
@@ -272,17 +331,17 @@ def test_llama_python_tag_markers_are_detected_when_they_are_tokens(tmp_path, ge
     assert capabilities.detect(folder, tool_calling=False, reasoning=None).tool_call is None
 
 
-def test_pyfunc_returns_openai_tool_calls_and_streams_the_same_call(tool_genai_fp32, tmp_path):
+def test_pyfunc_returns_openai_tool_calls_and_streams_the_same_call(demo_genai_fp32, tmp_path):
     saved = tmp_path / "mlmodel"
-    flavor.save_model(tool_genai_fp32, saved)
+    flavor.save_model(demo_genai_fp32, saved)
     model = mlflow.pyfunc.load_model(str(saved))
-    request = {"messages": [{"role": "user", "content": ORDER_QUESTION}], "tools": [toolmodel.ORDER_TOOL]}
+    request = {"messages": [{"role": "user", "content": ORDER_QUESTION}], "tools": [ordertool.ORDER_TOOL]}
     reply = model.predict(request, params={"max_new_tokens": 48})
     choice = reply["choices"][0]
     assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None, choice
     call = choice["message"]["tool_calls"][0]
-    assert call["type"] == "function" and call["function"]["name"] == toolmodel.TOOL_NAME
-    assert isinstance(json.loads(call["function"]["arguments"])[toolmodel.TOOL_ARGUMENT], str)
+    assert call["type"] == "function" and call["function"]["name"] == ordertool.TOOL_NAME
+    assert json.loads(call["function"]["arguments"]) == ORDER_ARGUMENTS
 
     chunks = list(model.predict_stream(request, params={"max_new_tokens": 48}))
     deltas = [c["choices"][0]["delta"] for c in chunks]

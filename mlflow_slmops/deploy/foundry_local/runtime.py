@@ -250,7 +250,8 @@ class FoundryRuntime:
         for msg in messages:
             if msg["role"] not in _ROLES:
                 raise SlmopsError(f"message role {msg['role']!r} is not supported", f"use one of {', '.join(_ROLES)}")
-            request.add_item(_message_item(msg))
+            for item in _items_of(msg):
+                request.add_item(item)
         return request
 
     def chat(self, model_id: str, messages: list[dict], options: ChatOptions,
@@ -353,22 +354,21 @@ def _calls_of(item) -> list[dict]:
     return []
 
 
-def _message_item(msg: dict):
-    """A chat message as the runtime's item: an assistant's tool calls and a tool result as their own parts."""
-    from foundry_local_sdk import MessageItem, MessageRole, TextItem, ToolCallItem, ToolResultItem
+def _items_of(msg: dict) -> list:
+    """A chat message as the runtime's request items: an assistant's tool calls and a tool result are items of
+    their own (the runtime takes only text, images and audio inside a message)."""
+    from foundry_local_sdk import MessageItem, ToolCallItem, ToolResultItem
 
     if msg["role"] == "tool":
-        return MessageItem(MessageRole.TOOL, [ToolResultItem(msg.get("tool_call_id") or "", msg["content"])])
-    calls = msg.get("tool_calls") or []
-    if msg["role"] == "assistant" and calls:
-        parts = [TextItem(msg["content"])] if msg["content"] else []
-        for call in calls:
-            fn = call.get("function") or {}
-            args = fn.get("arguments", "{}")
-            parts.append(ToolCallItem(call.get("id") or "", fn.get("name") or "",
-                                      args if isinstance(args, str) else json.dumps(args)))
-        return MessageItem(MessageRole.ASSISTANT, parts)
-    return getattr(MessageItem, msg["role"])(msg["content"])
+        return [ToolResultItem(msg.get("tool_call_id") or "", msg["content"])]
+    calls = msg.get("tool_calls") or [] if msg["role"] == "assistant" else []
+    items = [getattr(MessageItem, msg["role"])(msg["content"])] if msg["content"] or not calls else []
+    for call in calls:
+        fn = call.get("function") or {}
+        args = fn.get("arguments", "{}")
+        items.append(ToolCallItem(call.get("id") or "", fn.get("name") or "",
+                                  args if isinstance(args, str) else json.dumps(args)))
+    return items
 
 
 def _finish(reason) -> str:
