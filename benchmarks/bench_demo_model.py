@@ -54,10 +54,15 @@ def score(hf: Path, work: Path) -> dict:
                                baseline_dir=None if p == "fp32" else dirs["fp32"], probes=())
         answers[p] = [r["answer"] for r in res.qa_rows]
         json_rows = [r for r in res.qa_rows if r["match"] == "json_keys"]
-        text_rows = [r for r in res.qa_rows if r["match"] != "json_keys"]
+        tool_rows = [r for r in res.qa_rows if r["match"] == "tool_call"]
+        text_rows = [r for r in res.qa_rows if r["match"] not in ("json_keys", "tool_call")]
         out[p] = {"qa_accuracy": res.qa_accuracy, "format_valid_rate": res.format_valid_rate,
                   "fact_accuracy": sum(r["correct"] for r in text_rows) / len(text_rows),
                   "json_format_valid_rate": sum(r["format_valid"] for r in json_rows) / len(json_rows),
+                  "tool_call_valid_rate": res.tool_call_valid_rate,
+                  "tool_call_correct": sum(r["correct"] for r in tool_rows) / len(tool_rows),
+                  "counts": {"qa": len(res.qa_rows), "facts": len(text_rows), "json": len(json_rows),
+                             "tool": len(tool_rows)},
                   "perplexity": res.perplexity, "kl_div": res.kl_div, "top1_agreement": res.top1_agreement,
                   "wrong": [(r["question"], r["expected"], r["answer"]) for r in res.qa_rows if not r["correct"]]}
     out["answers_differing"] = sum(a != b for a, b in zip(answers["fp32"], answers["int4"]))
@@ -66,6 +71,7 @@ def score(hf: Path, work: Path) -> dict:
 
 def markdown(r: dict) -> str:
     t, f, q = r["train"], r["quality"]["fp32"], r["quality"]["int4"]
+    n = f["counts"]
     rows = [
         "| measure | value |", "|---|---|",
         f"| parameters | {t['parameters']:,} (vocab {t['vocab_size']}) |",
@@ -73,15 +79,17 @@ def markdown(r: dict) -> str:
         f"| training ({t['threads']} thread) | {t['train_s']} s wall, {t['train_cpu_s']} s CPU (whole build "
         f"{t['build_s']} s; load average {t['load_before']} before, {t['load_after']} after) |",
         f"| second call (cache hit) | {t['cache_hit_s']} s |",
-        "", "| variant | qa_accuracy (264) | facts correct (240) | JSON format valid (24) | format_valid_rate "
-        "| perplexity | kl_div | top1_agreement |", "|---|---|---|---|---|---|---|---|",
+        "", f"| variant | qa_accuracy ({n['qa']}) | facts correct ({n['facts']}) | JSON format valid ({n['json']}) "
+        f"| tool_call_valid_rate ({n['tool']}) | tool calls correct ({n['tool']}) | format_valid_rate "
+        "| perplexity | kl_div | top1_agreement |", "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in (("fp32", f), ("int4", q)):
         kl = "-" if m["kl_div"] is None else f"{m['kl_div']:.4f}"
         top1 = "-" if m["top1_agreement"] is None else f"{m['top1_agreement']:.3f}"
         rows.append(f"| {name} | {m['qa_accuracy']:.3f} | {m['fact_accuracy']:.3f} | {m['json_format_valid_rate']:.3f} "
+                    f"| {m['tool_call_valid_rate']:.3f} | {m['tool_call_correct']:.3f} "
                     f"| {m['format_valid_rate']:.3f} | {m['perplexity']:.3f} | {kl} | {top1} |")
-    rows.append(f"\nint4 and fp32 give different answers to {r['quality']['answers_differing']} of 264 questions.")
+    rows.append(f"\nint4 and fp32 give different answers to {r['quality']['answers_differing']} of {n['qa']} questions.")
     return "\n".join(rows) + "\n"
 
 

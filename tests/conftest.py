@@ -69,11 +69,18 @@ def genai_llama_fp32(hf_llama, models_root) -> Path:
 
 
 @pytest.fixture(scope="session")
-def demo_hf(models_root) -> Path:
-    """The trained demo model (devkit.demo): trained once per session, about 2 minutes on 2 cores."""
+def demo_hf(tmp_path_factory) -> Path:
+    """The trained demo model (devkit.demo): trained once per run, under 2 minutes on 2 cores.
+
+    Under pytest-xdist the workers share the cache folder (the run's base folder), and build_demo_model's file lock
+    lets the first worker train while the others wait and reuse the folder: test_demo and test_tool_calling both
+    need it, usually on different workers.
+    """
     from devkit.demo import build_demo_model
 
-    return build_demo_model(models_root / "demo-cache", progress=False)
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    return build_demo_model(shared / "demo-cache", progress=False)
 
 
 @pytest.fixture(scope="session")

@@ -117,7 +117,9 @@ def test_int4_differs_from_fp32_and_every_quality_metric_is_logged(int4_vs_fp32)
 def test_bundled_qa_file_is_answered_row_by_row(int4_vs_fp32):
     bundled = quality.load_qa(quality._default_paths(None, None)[1])
     assert len(int4_vs_fp32.qa_rows) == len(bundled) >= 10
-    assert {r["match"] for r in int4_vs_fp32.qa_rows} == set(quality.MATCH_RULES)
+    # Every rule but tool_call: the bundled file serves any model, and most models call no tool.
+    assert {r["match"] for r in int4_vs_fp32.qa_rows} == set(quality.MATCH_RULES) - {quality.TOOL_CALL_MATCH}
+    assert metrics.TOOL_CALL_VALID_RATE not in int4_vs_fp32.metrics()
     assert [r["line"] for r in int4_vs_fp32.qa_rows] == [item.line for item in bundled]
 
 

@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from typing import Any, Callable, Iterator
@@ -73,12 +74,23 @@ def check_tools(tools: Any) -> list[dict] | None:
     return tools
 
 
+_TOOLS_VARIABLE = re.compile(r"\btools\b")
+
+
+def find_markers(template: str | None, pairs: tuple[tuple[str, str], ...], need_tools: bool) -> tuple[str, str] | None:
+    """The first marker pair a chat template holds (with ``need_tools``, only a template that reads ``tools``).
+
+    The one marker finder: the runtime (``tool_markers``) and the foundry-local deployment's capabilities use it.
+    """
+    if not template or (need_tools and not _TOOLS_VARIABLE.search(template)):
+        return None
+    return next(((s, e) for s, e in pairs if s in template and e in template), None)
+
+
 def tool_markers(template: str | None, token_ids: dict[str, int]) -> tuple[str, str] | None:
     """The tool-call markers a chat template renders tools with, when both are single tokens."""
-    if not template or "tools" not in template:
-        return None
-    return next(((s, e) for s, e in TOOL_MARKERS if s in template and e in template
-                 and s in token_ids and e in token_ids), None)
+    pair = find_markers(template, TOOL_MARKERS, need_tools=True)
+    return pair if pair and all(m in token_ids for m in pair) else None
 
 
 def _calls_in(body: str) -> list[dict]:

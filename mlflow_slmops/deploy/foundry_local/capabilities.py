@@ -24,18 +24,17 @@ Example:
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlflow_slmops.genai import modeldir
-from mlflow_slmops.genai.chat import TOOL_MARKERS
 from mlflow_slmops.errors import SlmopsError
+from mlflow_slmops.genai import modeldir
+from mlflow_slmops.genai.chat import TOOL_MARKERS, find_markers
+
 REASONING_MARKERS: tuple[tuple[str, str], ...] = (("<think>", "</think>"),)
 # The template variable Qwen3-style templates read to switch reasoning off.
 THINKING_SWITCH = "enable_thinking"
 THINKING_OFF_PREFIX = "{%- set enable_thinking = false %}\n"
-_TOOLS_VARIABLE = re.compile(r"\btools\b")
 
 # genai_config.json "model" keys of onnxruntime-genai 0.18 (strings in libonnxruntime-genai.so).
 TOOL_TOKEN_KEYS = ("bot_token_id", "eot_token_id")
@@ -87,12 +86,6 @@ def _pair(m: Markers | None) -> list[str] | None:
 token_ids = modeldir.token_ids
 
 
-def _find(template: str, pairs: tuple[tuple[str, str], ...], need_tools: bool) -> tuple[str, str] | None:
-    if need_tools and not _TOOLS_VARIABLE.search(template):
-        return None
-    return next(((s, e) for s, e in pairs if s in template and e in template), None)
-
-
 def _markers(pair: tuple[str, str], ids: dict[str, int], what: str, where: str, switch: str) -> Markers:
     missing = [m for m in pair if m not in ids]
     if missing:
@@ -123,14 +116,14 @@ def detect(model_dir: Path, tool_calling: bool | None, reasoning: bool | None) -
     ids = token_ids(model_dir)
     tool = None
     if tool_calling is not False:
-        pair = _find(template, TOOL_MARKERS, need_tools=True)
+        pair = find_markers(template, TOOL_MARKERS, need_tools=True)
         if pair is None and tool_calling:
             known = ", ".join(f"{s} ... {e}" for s, e in TOOL_MARKERS)
             raise SlmopsError(f"-C tool_calling=on, but the chat template of {where} renders no tools with known "
                               f"tool-call markers ({known})", "use a model whose chat template takes tools, or leave "
                               "-C tool_calling out")
         tool = _markers(pair, ids, "tool calls", where, "tool_calling") if pair else None
-    pair = _find(template, REASONING_MARKERS, need_tools=False)
+    pair = find_markers(template, REASONING_MARKERS, need_tools=False)
     if reasoning is False:
         if pair is not None and THINKING_SWITCH not in template:
             raise SlmopsError(f"-C reasoning=off, but the chat template of {where} has no {THINKING_SWITCH} switch, "
