@@ -31,7 +31,7 @@ from typing import Iterable
 from devkit import ordertool, toymodel
 
 # Bump when the dataset or the training code changes in a way the hash of the examples cannot see.
-DEMO_FORMAT_VERSION = 2
+DEMO_FORMAT_VERSION = 3
 DEMO_MODEL_NAME = "kestrel-assistant"
 DEFAULT_CACHE_DIR = Path(".slmops") / "demo-model"
 QA_FILE = "qa.jsonl"

@@ -61,7 +61,7 @@ def call_text(oid: str) -> str:
 
 def render(messages: list[dict], tools: bool, add_generation_prompt: bool = True) -> str:
     """The prompt as transformers renders the saved template (what genai applies at inference)."""
-    from mlflow_slmops.deploy.foundry_local.prompt_template import render as render_template
+    from mlflow_slmops.genai.template import render as render_template
 
     tokens = {"bos_token": _BASE.bos, "eos_token": _BASE.eos}
     return render_template(QWEN_TOOLS_TEMPLATE, messages, add_generation_prompt, tokens,

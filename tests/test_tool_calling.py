@@ -27,7 +27,6 @@ from mlflow_slmops.deploy.foundry_local import capabilities, preflight
 from mlflow_slmops.errors import SlmopsError
 from tests.helpers import (
     assert_one_line_error,
-    bin_path,
     mlflow_cli,
     stop_process,
     tree_snapshot,
@@ -227,10 +226,23 @@ def test_deployment_predict_takes_tools_and_returns_foundry_locals_structured_ca
     assert answer["finish_reason"] == "stop" and answer["message"]["content"].strip(), answer
 
 
-def test_tools_that_are_not_function_tools_are_refused_in_one_line(models, tmp_path):
+def test_mlflow_deployments_predict_cli_takes_tools_and_refuses_a_tool_that_is_no_function(models, tmp_path):
     cache = tmp_path / "cache"
     assert deploy_cli("create", cache, NAME, "-m", models.tools).returncode == 0
-    request = tmp_path / "request.json"
+    request, out = tmp_path / "request.json", tmp_path / "out.json"
+    # One row per conversation: pandas (which `--input-path` goes through) keeps the two lists apart.
+    request.write_text(json.dumps({"messages": [[{"role": "user", "content": ORDER_QUESTION}]],
+                                   "tools": [[ordertool.ORDER_TOOL]], "max_tokens": [TOOL_BUDGET]}))
+
+    def ask(seed: int) -> dict:
+        done = deploy_cli("predict", cache, NAME, "--input-path", str(request), "--output-path", str(out))
+        if done.returncode != 0:
+            raise NoCall(done.stderr[-300:])
+        return _with_call(json.loads(out.read_text()))
+
+    reply = _first_call(ask, (NoCall,))
+    assert json.loads(reply["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]) == ORDER_ARGUMENTS
+
     request.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}], "tools": [{"name": "f"}]}))
     assert_one_line_error(deploy_cli("predict", cache, NAME, "--input-path", str(request)), "tools[0]")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mlflow_slmops.errors import SlmopsError
-from mlflow_slmops.genai import chat, modeldir
+from mlflow_slmops.genai import chat, modeldir, template
 
 # Generation defaults; a saved model's inference_config overrides them, predict params override both.
 DEFAULT_INFERENCE_CONFIG: dict[str, Any] = {
@@ -45,6 +45,7 @@ class GenaiModel:
         self.context_length = info.context_length
         self.defaults = {**DEFAULT_INFERENCE_CONFIG, **(inference_config or {})}
         self.chat_template = modeldir.read_chat_template(self.path)
+        self._special_tokens = template.special_tokens(self.path)
         ids = modeldir.token_ids(self.path)
         self.tool_markers = chat.tool_markers(self.chat_template, ids)
         # Marker tokens are often special, which decoding drops: they are put back by id (see _decode).
@@ -63,10 +64,11 @@ class GenaiModel:
                 f"{self.path} has no chat template, so chat input cannot be formatted",
                 f"add {modeldir.CHAT_TEMPLATE_FILE} or a chat_template in {modeldir.TOKENIZER_CONFIG}",
             )
-        extra = {"tools": json.dumps(tools)} if tools else {}
+        if tools:
+            # As transformers renders them, the tools the model was fine-tuned on: genai 0.14.1 would rewrite them.
+            return template.render(self.chat_template, messages, True, self._special_tokens, tools=tools)
         return self.tokenizer.apply_chat_template(
-            messages=json.dumps(messages), template_str=self.chat_template, add_generation_prompt=True, **extra
-        )
+            messages=json.dumps(messages), template_str=self.chat_template, add_generation_prompt=True)
 
     def _decode(self, ids: list[int]) -> str:
         """Decode, keeping tool-call marker tokens as their text."""

@@ -415,9 +415,15 @@ def _chat_options(values: dict) -> "Any":
 
 
 def _conversations_from_frame(df) -> tuple[list[list[dict]], dict]:
-    """The DataFrame `pd.read_json` makes of chat JSON: one row per message, or one row per conversation."""
-    options = {c: df[c].iloc[0] for c in df.columns if c not in ("messages", "role", "content")}
+    """The DataFrame `pd.read_json` makes of chat JSON: one row per message, or one row per conversation.
+
+    A ``tools`` column holds one tool per message row, or the whole tool list in a conversation row.
+    """
+    options = {c: df[c].iloc[0] for c in df.columns if c not in ("messages", "role", "content", "tools")}
     options = {k: (v.item() if hasattr(v, "item") else v) for k, v in options.items()}
+    if "tools" in df.columns:
+        cells = [_plain(c) for c in df["tools"] if isinstance(c, (dict, list)) or hasattr(c, "tolist")]
+        options["tools"] = cells if all(isinstance(c, dict) for c in cells) else cells[0]
     if "messages" in df.columns:
         cells = list(df["messages"])
         if all(isinstance(c, dict) for c in cells):

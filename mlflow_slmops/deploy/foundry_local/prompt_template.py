@@ -13,13 +13,12 @@ answer, so it is never guessed.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 from mlflow_slmops.errors import SlmopsError
 from mlflow_slmops.genai import modeldir
+from mlflow_slmops.genai.template import render, special_tokens
 
 CONTENT = "{Content}"
 PIECE_KEYS = ("system", "user", "assistant", "prompt")
@@ -51,41 +50,6 @@ FAMILIES: tuple[ChatFamily, ...] = (
 def detect_family(template: str) -> ChatFamily | None:
     """The known family whose markers all appear in the template, or None."""
     return next((f for f in FAMILIES if all(m in template for m in f.markers)), None)
-
-
-def _special_tokens(model_dir: Path) -> dict[str, str]:
-    """bos_token, eos_token, ... from tokenizer_config.json (values may be AddedToken dicts)."""
-    path = model_dir / modeldir.TOKENIZER_CONFIG
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (OSError, json.JSONDecodeError):
-        cfg = {}
-    tokens = {}
-    for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
-        value = cfg.get(key)
-        if isinstance(value, dict):
-            value = value.get("content")
-        tokens[key] = value if isinstance(value, str) else ""
-    return tokens
-
-
-def render(template: str, messages: list[dict], add_generation_prompt: bool, tokens: dict[str, str],
-           **context) -> str:
-    """Render a chat template as transformers does (sandboxed jinja2, trim_blocks, lstrip_blocks).
-
-    ``context`` adds template variables such as ``tools`` (a list of OpenAI tool objects) or ``enable_thinking``.
-    """
-    import jinja2
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str) -> None:
-        raise jinja2.exceptions.TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **tokens,
-                                           **context)
 
 
 def _unmappable(where: str, why: str) -> SlmopsError:
@@ -201,7 +165,7 @@ def for_model(model_dir: str | Path, override: dict | None = None) -> dict[str, 
         )
     if override is not None:
         return {k: override.get(k) for k in PIECE_KEYS}
-    return derive(template, _special_tokens(model_dir), where=f"model folder {model_dir.name}")
+    return derive(template, special_tokens(model_dir), where=f"model folder {model_dir.name}")
 
 
 def parse_override(text: str) -> dict:
