@@ -24,6 +24,8 @@ from mlflow_slmops.variants import DEFAULT_VARIANTS
 DEMO_VARIANTS = DEFAULT_VARIANTS
 DEMO_EXPERIMENT = "slmops-demo"
 DEFAULT_FOUNDRY_CACHE = Path(".slmops") / "foundry-cache"
+# One folder per trained demo model (its folder name carries its cache key): a demo model retrained by a newer
+# checkout writes new variant folders beside the old ones, which the sweep would refuse to overwrite.
 DEMO_OUTPUT = Path(".slmops") / "variants"
 DEMO_DATA = Path(".slmops") / "demo-data"
 # The demo's stated constraints: within 5% of fp32 perplexity and at least 90% on the held-out QA.
@@ -123,7 +125,7 @@ def run_demo(foundry_cache: Path = DEFAULT_FOUNDRY_CACHE, echo: Callable[[str], 
     text = next(str(p) for p in data if p.name == demo.EVAL_TEXT_FILE)
 
     echo(f"2/5 Sweep: {DEMO_VARIANTS}")
-    result = sweep.run_sweep(sweep.SweepRequest(model=str(hf_dir), variants=DEMO_VARIANTS, output=str(DEMO_OUTPUT),
+    result = sweep.run_sweep(sweep.SweepRequest(model=str(hf_dir), variants=DEMO_VARIANTS, output=str(DEMO_OUTPUT / hf_dir.name),
                                                 text=text, qa=qa, **DEMO_BENCH), progress=progress, echo=echo,
                              experiment=os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEMO_EXPERIMENT)
 
