@@ -25,7 +25,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -472,21 +471,25 @@ def _completion(model_id: str, result) -> dict:
 
 
 def _chunks(model_id: str, pieces: Iterator) -> Iterator[dict]:
+    """The runtime's stream (text pieces, then one ChatResult) as ``chat.completion.chunk`` dicts, shaped by
+    ``chat.chunks`` as the pyfunc's are."""
     from mlflow_slmops.deploy.foundry_local.runtime import ChatResult
 
-    base = {"id": chat.completion_id(), "object": "chat.completion.chunk", "created": int(time.time()),
-            "model": model_id}
-    for piece in pieces:
-        if isinstance(piece, ChatResult) and piece.tool_calls:
-            deltas = [{"index": i, **call} for i, call in enumerate(piece.tool_calls)]
-            yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "tool_calls": deltas},
-                                        "finish_reason": None}]}
-        if isinstance(piece, ChatResult):
-            yield {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": piece.finish_reason}],
-                   "usage": chat.usage(piece.prompt_tokens, piece.completion_tokens)}
-        else:
-            yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": piece},
-                                        "finish_reason": None}]}
+    done: list[ChatResult] = []
+
+    def texts() -> Iterator[str]:
+        for piece in pieces:
+            if isinstance(piece, ChatResult):
+                done.append(piece)
+            else:
+                yield piece
+
+    def final() -> dict:
+        r = done[-1]  # every piece was sent as it came: nothing is left for the last chunk's text
+        return chat.completion(model_id, "", r.finish_reason, r.prompt_tokens, r.completion_tokens,
+                               tool_calls=list(r.tool_calls))
+
+    return chat.chunks(model_id, texts(), final)
 
 
 def _friendly_iter(items: Iterator[dict]) -> Iterator[dict]:
