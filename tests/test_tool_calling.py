@@ -26,6 +26,9 @@ from mlflow_slmops import flavor
 from mlflow_slmops.deploy.foundry_local import capabilities, preflight
 from mlflow_slmops.errors import SlmopsError
 from tests.helpers import (
+    bin_path,
+    free_port,
+    wait_http,
     assert_one_line_error,
     mlflow_cli,
     stop_process,
@@ -224,6 +227,42 @@ def test_deployment_predict_takes_tools_and_returns_foundry_locals_structured_ca
               {"role": "tool", "tool_call_id": call["id"], "content": json.dumps({"status": "shipped"})}]
     answer = client.predict(deployment_name=NAME, inputs={"messages": result, "max_tokens": 32})["choices"][0]
     assert answer["finish_reason"] == "stop" and answer["message"]["content"].strip(), answer
+
+
+def test_models_serve_and_the_deployment_answer_the_same_tool_request_with_the_same_call(demo_genai_fp32, tmp_path):
+    """Pyfunc parity: one request with tools, to `mlflow models serve` over HTTP and to the foundry-local deployment
+    in-process: both answer with a structured get_order_status call for the order asked about."""
+    import requests
+    from mlflow.deployments import get_deploy_client
+    from mlflow.exceptions import MlflowException
+
+    saved = tmp_path / "served"
+    flavor.save_model(demo_genai_fp32, saved)
+    port = free_port()
+    proc = subprocess.Popen([bin_path("mlflow"), "models", "serve", "-m", str(saved), "--env-manager", "local",
+                             "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    request = {"messages": [{"role": "user", "content": ORDER_QUESTION}], "tools": [ordertool.ORDER_TOOL]}
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ping", proc)
+        served = requests.post(f"http://127.0.0.1:{port}/invocations", json={**request, "max_new_tokens": 48},
+                               timeout=WAIT_S)
+        assert served.status_code == 200, served.text
+    finally:
+        stop_process(proc)
+    served_choice = served.json()["choices"][0]
+
+    client = get_deploy_client(f"foundry-local:{tmp_path / 'cache'}")
+    client.create_deployment(NAME, str(saved))
+    deployed = _first_call(lambda seed: _with_call(client.predict(
+        deployment_name=NAME, inputs={**request, "max_tokens": TOOL_BUDGET, "seed": seed})), (MlflowException, NoCall))
+    deployed_choice = deployed["choices"][0]
+    for choice in (served_choice, deployed_choice):
+        assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None, choice
+    (served_call,), (deployed_call,) = served_choice["message"]["tool_calls"], deployed_choice["message"]["tool_calls"]
+    assert served_call["function"]["name"] == deployed_call["function"]["name"] == ordertool.TOOL_NAME
+    assert json.loads(served_call["function"]["arguments"]) == json.loads(deployed_call["function"]["arguments"]) \
+        == ORDER_ARGUMENTS
 
 
 def test_mlflow_deployments_predict_cli_takes_tools_and_refuses_a_tool_that_is_no_function(models, tmp_path):
