@@ -598,6 +598,10 @@ Foundry Local's local catalog as a chat-completion model. create, update (atomic
 carrying {fcache.PROVENANCE_FILE}), list, get, predict and run-local (Foundry Local's own web service at
 http://127.0.0.1:PORT/catalogs/local/v1) are supported.
 
+predict input (--input-path JSON): {{"messages": [...], "max_tokens": 64}}; with tools, one row per conversation:
+  {{"messages": [[{{"role": "user", "content": "..."}}]], "tools": [[{{"type": "function", "function": {{...}}}}]]}}
+  A model deployed with tool calling answers with OpenAI-shaped tool_calls.
+
 Config keys (-C key=value):
 {fconfig.key_reference()}
 """
