@@ -31,6 +31,8 @@ DEMO_DATA = Path(".slmops") / "demo-data"
 # The demo's stated constraints: within 5% of fp32 perplexity and at least 90% on the held-out QA.
 DEMO_MAX_PPL_DELTA_PCT = 5.0
 DEMO_MIN_QA_ACCURACY = 0.9
+# The demo model must also call its tool: valid structured calls on at least 95% of the held-out order questions.
+DEMO_MIN_TOOL_CALL_VALID_RATE = 0.95
 # A 1.4M-parameter model decodes thousands of tokens a second whatever its precision (per-token overhead, not
 # weight bandwidth, sets the pace), so speed differences are noise; size is what its variants trade.
 DEMO_OBJECTIVE = "size_mb"
@@ -130,12 +132,15 @@ def run_demo(foundry_cache: Path = DEFAULT_FOUNDRY_CACHE, echo: Callable[[str], 
                              experiment=os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEMO_EXPERIMENT)
 
     echo("3/5 Promote")
-    constraints = promote.Constraints(DEMO_MAX_PPL_DELTA_PCT, DEMO_MIN_QA_ACCURACY, DEMO_OBJECTIVE)
+    constraints = promote.Constraints(DEMO_MAX_PPL_DELTA_PCT, DEMO_MIN_QA_ACCURACY, DEMO_OBJECTIVE,
+                                      min_tool_call_valid_rate=DEMO_MIN_TOOL_CALL_VALID_RATE)
     promoted = promote.promote(result.parent_run_id, demo.DEMO_MODEL_NAME, constraints=constraints)
     champ = promoted.champion
     reason = (f"smallest ({champ.metrics.get('size_mb', 0):.2f} MB) among variants within "
               f"{DEMO_MAX_PPL_DELTA_PCT:g}% of fp32 perplexity (its delta: {champ.metrics.get('ppl_delta_pct', 0):.2f}%) "
-              f"and QA accuracy >= {DEMO_MIN_QA_ACCURACY:g} (its: {champ.metrics.get('qa_accuracy', 0):.3f})")
+              f"and QA accuracy >= {DEMO_MIN_QA_ACCURACY:g} (its: {champ.metrics.get('qa_accuracy', 0):.3f}) "
+              f"and tool_call_valid_rate >= {DEMO_MIN_TOOL_CALL_VALID_RATE:g} "
+              f"(its: {champ.metrics.get('tool_call_valid_rate', 0):.3f})")
 
     echo(f"4/5 Deploy {promoted.model_uri} into Foundry Local ({foundry_cache})")
     deploy_with_cli(demo.DEMO_MODEL_NAME, promoted.model_uri, foundry_cache, echo)

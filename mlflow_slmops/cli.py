@@ -190,6 +190,8 @@ def sweep_cmd(model, variants, variants_file, output, cache_dir, text, qa, calib
 @click.option("--max-ppl-delta-pct", type=float, default=5.0, show_default=True,
               help="Largest perplexity increase over fp32 allowed, in percent.")
 @click.option("--min-qa-accuracy", type=float, default=None, help="Smallest QA accuracy allowed (0 to 1).")
+@click.option("--min-tool-call-valid-rate", type=float, default=None,
+              help="Smallest tool_call_valid_rate allowed (0 to 1; the sweep's QA file needs tool_call questions).")
 @click.option("--objective", type=click.Choice(["decode_tok_s", "size_mb", "ttft_ms", "quality"]),
               default="decode_tok_s", show_default=True,
               help="What the champion is best at among those that meet the constraints; quality: the lowest "
@@ -200,18 +202,19 @@ def sweep_cmd(model, variants, variants_file, output, cache_dir, text, qa, calib
               help="Promote from a sweep whose fp32 export differs from the Hugging Face model (tagged "
                    "slmops.export_mismatch=true); refused without it.")
 @friendly_errors
-def promote_cmd(sweep_run_id, name, alias, max_ppl_delta_pct, min_qa_accuracy, objective, max_size_mb,
-                allow_export_mismatch) -> None:
+def promote_cmd(sweep_run_id, name, alias, max_ppl_delta_pct, min_qa_accuracy, min_tool_call_valid_rate, objective,
+                max_size_mb, allow_export_mismatch) -> None:
     """Register the sweep's champion in the Model Registry and set an alias on it."""
     import pandas as pd
 
     from mlflow_slmops import promote
 
-    constraints = promote.Constraints(max_ppl_delta_pct, min_qa_accuracy or None, objective, max_size_mb or None)
+    constraints = promote.Constraints(max_ppl_delta_pct, min_qa_accuracy or None, objective, max_size_mb or None,
+                                      min_tool_call_valid_rate or None)
     result = promote.promote(sweep_run_id, name, alias, constraints, allow_export_mismatch=allow_export_mismatch)
     _print_table(pd.DataFrame([c.row() for c in result.candidates]),
                  ["variant", "accepted", "chosen", "decode_tok_s", "size_mb", "bits_per_weight", "src_kl_mean",
-                  "ppl_delta_pct", "qa_accuracy", "reason"])
+                  "ppl_delta_pct", "qa_accuracy", "tool_call_valid_rate", "reason"])
     click.echo(f"Champion: {result.champion.variant} ({constraints.metric} "
                f"{result.champion.metrics.get(constraints.metric, float('nan')):.4g}) "
                f"-> {result.name} version {result.version}, alias @{result.alias}")

@@ -24,7 +24,7 @@ DEFAULT_ALIAS = "champion"
 DEFAULT_MAX_PPL_DELTA_PCT = 5.0
 # Metrics copied onto the registered version as tags, so the registry page shows why it won.
 VERSION_TAG_METRICS = (M.SIZE_MB, M.BITS_PER_WEIGHT, M.DECODE_TOK_S, M.TTFT_MS, M.PPL_DELTA_PCT, M.KL_DIV,
-                       M.SRC_KL_MEAN, M.QA_ACCURACY, M.PEAK_RSS_MB)
+                       M.SRC_KL_MEAN, M.QA_ACCURACY, M.TOOL_CALL_VALID_RATE, M.PEAK_RSS_MB)
 
 
 @dataclass(frozen=True)
@@ -35,11 +35,13 @@ class Constraints:
     min_qa_accuracy: float | None = None
     objective: str = DEFAULT_OBJECTIVE
     max_size_mb: float | None = None
+    # For a model that must call tools: the QA file needs tool_call questions, or no variant has the metric.
+    min_tool_call_valid_rate: float | None = None
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise SlmopsError(f"objective {self.objective!r} is not supported", f"use one of {', '.join(OBJECTIVES)}")
-        for key in ("max_ppl_delta_pct", "min_qa_accuracy", "max_size_mb"):
+        for key in ("max_ppl_delta_pct", "min_qa_accuracy", "max_size_mb", "min_tool_call_valid_rate"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, (int, float)) or math.isnan(value)):
                 raise SlmopsError(f"{key} is {value!r}, expected a number", f"pass --{key.replace('_', '-')} N")
@@ -49,6 +51,15 @@ class Constraints:
         if self.objective == QUALITY_OBJECTIVE and self.max_size_mb is None:
             raise SlmopsError("objective quality needs a size budget: without one the largest variant (fp32) "
                               "is always the most faithful", "pass --max-size-mb N with --objective quality")
+
+    def limits(self) -> list[tuple[str, float, str, str, float]]:
+        """The metric limits set: (metric, limit, the side that breaks it, format, scale of a shortfall)."""
+        table = ((M.SIZE_MB, self.max_size_mb, ">", ".4g", self.max_size_mb),
+                 (M.PPL_DELTA_PCT, self.max_ppl_delta_pct, ">", ".3g", max(abs(self.max_ppl_delta_pct or 0), 1.0)),
+                 (M.QA_ACCURACY, self.min_qa_accuracy, "<", ".3g", max(self.min_qa_accuracy or 0, 1e-9)),
+                 (M.TOOL_CALL_VALID_RATE, self.min_tool_call_valid_rate, "<", ".3g",
+                  max(self.min_tool_call_valid_rate or 0, 1e-9)))
+        return [row for row in table if row[1] is not None]
 
     @property
     def metric(self) -> str:
@@ -69,7 +80,8 @@ class Candidate:
     def row(self) -> dict:
         row = {"variant": self.variant, "run_id": self.run_id, "status": self.status,
                "accepted": self.accepted, "chosen": self.chosen, "reason": "; ".join(self.reasons) or "meets all"}
-        row.update({k: self.metrics.get(k) for k in VERSION_TAG_METRICS})
+        row.update({k: self.metrics.get(k) for k in VERSION_TAG_METRICS
+                    if k not in M.OPTIONAL_METRICS or k in self.metrics})
         return row
 
 
@@ -98,12 +110,7 @@ def judge(candidate: Candidate, constraints: Constraints, build_only: bool) -> N
     else:
         if constraints.metric not in m:
             reasons.append(f"no {constraints.metric}")
-        limits = ((M.SIZE_MB, constraints.max_size_mb, ">", ".4g"),
-                  (M.PPL_DELTA_PCT, constraints.max_ppl_delta_pct, ">", ".3g"),
-                  (M.QA_ACCURACY, constraints.min_qa_accuracy, "<", ".3g"))
-        for key, limit, beyond, fmt in limits:
-            if limit is None:
-                continue
+        for key, limit, beyond, fmt, _ in constraints.limits():
             value = m.get(key)
             if value is None:
                 reasons.append(f"no {key}")
@@ -116,12 +123,9 @@ def judge(candidate: Candidate, constraints: Constraints, build_only: bool) -> N
 def _shortfall(c: Candidate, constraints: Constraints) -> float:
     """How far a measured candidate is from meeting the constraints (0 = meets them), for the message."""
     m, gap = c.metrics, 0.0
-    if constraints.max_ppl_delta_pct is not None and M.PPL_DELTA_PCT in m:
-        gap += max(0.0, m[M.PPL_DELTA_PCT] - constraints.max_ppl_delta_pct) / max(abs(constraints.max_ppl_delta_pct), 1.0)
-    if constraints.min_qa_accuracy is not None and M.QA_ACCURACY in m:
-        gap += max(0.0, constraints.min_qa_accuracy - m[M.QA_ACCURACY]) / max(constraints.min_qa_accuracy, 1e-9)
-    if constraints.max_size_mb is not None and M.SIZE_MB in m:
-        gap += max(0.0, m[M.SIZE_MB] - constraints.max_size_mb) / constraints.max_size_mb
+    for key, limit, beyond, _, scale in constraints.limits():
+        # A metric never measured is as far off as a limit can be missed: it is no pass.
+        gap += max(0.0, (m[key] - limit) if beyond == ">" else (limit - m[key])) / scale if key in m else 1.0
     return gap
 
 
@@ -135,7 +139,8 @@ def choose(candidates: list[Candidate], constraints: Constraints) -> Candidate:
         closest = min(measured, key=lambda c: _shortfall(c, constraints))
         raise SlmopsError(
             f"no variant meets the constraints; the closest is {closest.variant} ({'; '.join(closest.reasons)})",
-            "relax --max-ppl-delta-pct / --min-qa-accuracy / --max-size-mb or add variants to the sweep",
+            "relax --max-ppl-delta-pct / --min-qa-accuracy / --min-tool-call-valid-rate / --max-size-mb or add "
+            "variants to the sweep",
         )
     metric = constraints.metric
     sign = 1 if metric in M.HIGHER_IS_BETTER else -1

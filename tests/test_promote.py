@@ -114,3 +114,31 @@ def test_quality_objective_picks_the_lowest_source_kl_within_the_size_budget(swe
 def test_quality_objective_without_a_size_budget_is_refused(sweep_id):
     proc = slmops("promote", "--sweep-run-id", sweep_id, "--name", "q", "--objective", "quality")
     assert_one_line_error(proc, "objective quality needs a size budget", "--max-size-mb")
+
+
+def _log_tool_rate(sweep_id: str, rates: dict[str, float]) -> None:
+    from mlflow_slmops.sweep import variant_runs
+
+    client = mlflow.MlflowClient()
+    for run in variant_runs(client, sweep_id):
+        name = run.data.tags[M.VARIANT_TAG]
+        if name in rates:
+            client.log_metric(run.info.run_id, M.TOOL_CALL_VALID_RATE, rates[name])
+
+
+def test_tool_call_bar_keeps_variants_whose_calls_break_or_were_never_measured(sweep_id):
+    # int4-b128-asym was swept without tool_call questions: no rate is no pass.
+    _log_tool_rate(sweep_id, {"fp32": 0.94, "int8": 0.97, "int4": 0.81})
+    result = promote.promote(sweep_id, "agent", constraints=promote.Constraints(
+        max_ppl_delta_pct=None, objective="size_mb", min_tool_call_valid_rate=0.95))
+    assert result.champion.variant == "int8"  # int4 is smaller but calls its tool validly 81% of the time
+    reasons = {c.variant: c.reasons for c in result.candidates}
+    assert reasons["int4"] == ["tool_call_valid_rate 0.81 < 0.95"]
+    assert reasons["fp32"] == ["tool_call_valid_rate 0.94 < 0.95"]
+    assert reasons["int4-b128-asym"] == ["no tool_call_valid_rate"]
+    version = mlflow.MlflowClient().get_model_version_by_alias("agent", "champion")
+    assert float(version.tags["metric.tool_call_valid_rate"]) == 0.97
+    cli = slmops("promote", "--sweep-run-id", sweep_id, "--name", "agent", "--objective", "size_mb",
+                 "--max-ppl-delta-pct", "100", "--min-tool-call-valid-rate", "0.99")
+    assert_one_line_error(cli, "no variant meets the constraints", "closest is int8 (tool_call_valid_rate 0.97 < 0.99)",
+                          "--min-tool-call-valid-rate")
