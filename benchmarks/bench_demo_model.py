@@ -89,7 +89,8 @@ def markdown(r: dict) -> str:
         rows.append(f"| {name} | {m['qa_accuracy']:.3f} | {m['fact_accuracy']:.3f} | {m['json_format_valid_rate']:.3f} "
                     f"| {m['tool_call_valid_rate']:.3f} | {m['tool_call_correct']:.3f} "
                     f"| {m['format_valid_rate']:.3f} | {m['perplexity']:.3f} | {kl} | {top1} |")
-    rows.append(f"\nint4 and fp32 give different answers to {r['quality']['answers_differing']} of {n['qa']} questions.")
+    differing = r["quality"]["answers_differing"]
+    rows.append(f"\nint4 and fp32 give different answers to {differing} of {n['qa']} questions.")
     return "\n".join(rows) + "\n"
 
 

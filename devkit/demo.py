@@ -2,8 +2,9 @@
 
 The demo needs a model whose quality is measurable, so quantization visibly costs something: a random
 model answers nothing right whatever its precision. This module generates a small domain dataset
-(8 Kestrel speakers x 5 attributes = 40 facts, JSON answers, and one tool: ``get_order_status(order_id)``), trains a ~1.5M-parameter Qwen2 on it with torch, and
-saves a normal Hugging Face folder that the rest of the pipeline converts like any fine-tuned model.
+(8 Kestrel speakers x 5 attributes = 40 facts, JSON answers, and one tool: ``get_order_status(order_id)``),
+trains a ~1.4M-parameter Qwen2 on it with torch, and saves a normal Hugging Face folder that the rest of the
+pipeline converts like any fine-tuned model.
 
 Training and evaluation use different question wordings: ``projects/quickstart/qa.jsonl`` asks about the
 same facts in held-out phrasings, so QA accuracy measures what the model learned, not string recall.
@@ -332,7 +333,7 @@ def heldout_qa() -> list[dict]:
 
 # --- the tool ------------------------------------------------------------------------------------
 # The demo model also calls one tool, get_order_status(order_id), when asked about an order (devkit.ordertool
-# holds the tool, the order numbers and the question wordings it shares with the tool-calling test model).
+# holds the tool, the order numbers, the trained and held-out question wordings and the call text).
 TOOL_DATA_SEED = DATA_SEED + 3
 ORDER_TOOL = ordertool.ORDER_TOOL
 # A question needing the tool, in a held-out wording, for the demo's last step.

@@ -114,7 +114,7 @@ ARCHS: dict[str, ArchSpec] = {
         extra_config={"tie_word_embeddings": False},
     ),
 }
-# ChatML with tools: the demo model and the tool-calling test model; the markers are single special tokens.
+# ChatML with tools, the demo model's template; the tool-call markers are single special tokens.
 TOOLS_ARCH = "qwen2-tools"
 ARCHS[TOOLS_ARCH] = ArchSpec(
     model_type="qwen2", chat_template=QWEN_TOOLS_TEMPLATE, bos=ARCHS["qwen2"].bos, eos=ARCHS["qwen2"].eos,

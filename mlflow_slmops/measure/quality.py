@@ -430,10 +430,10 @@ def _judge_call(item: QaItem, calls: list[dict]) -> tuple[bool, bool]:
                 for t in item.tools or []}
     parsed = []
     for call in calls:
-        args = parse_json_object(call["function"]["arguments"])
-        if call["function"]["name"] not in required or args is None or not required[call["function"]["name"]] <= set(args):
+        name, args = call["function"]["name"], parse_json_object(call["function"]["arguments"])
+        if name not in required or args is None or not required[name] <= set(args):
             return False, False
-        parsed.append((call["function"]["name"], args))
+        parsed.append((name, args))
     valid = bool(parsed)
     want_args = item.expected.get("arguments")
     correct = valid and any(name == item.expected["name"] and (want_args is None or args == want_args)
