@@ -5,9 +5,9 @@ onnxruntime-genai renderer differs from it, this one is the reference: genai 0.1
 into its own shorter form before the template sees them, which no fine-tuning data ever held.
 
 Example:
-    >>> render("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}",
+    >>> render("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }};{% endfor %}",
     ...        [{"role": "user", "content": "hi"}], False, {})
-    'user: hi\n'
+    'user: hi;'
 """
 
 from __future__ import annotations
