@@ -85,18 +85,19 @@ def test_promote_cli_prints_champion_and_fails_cleanly(sweep_id):
     assert_one_line_error(missing, "was not found")
 
 
-def _log_source_kl(sweep_id: str, kl: dict[str, float]) -> None:
+def _log_metric(sweep_id: str, key: str, values: dict[str, float]) -> None:
+    """Log one metric on the named variant runs of a sweep."""
     from mlflow_slmops.sweep import variant_runs
 
     client = mlflow.MlflowClient()
     for run in variant_runs(client, sweep_id):
         name = run.data.tags[M.VARIANT_TAG]
-        if name in kl:
-            client.log_metric(run.info.run_id, M.SRC_KL_MEAN, kl[name])
+        if name in values:
+            client.log_metric(run.info.run_id, key, values[name])
 
 
 def test_quality_objective_picks_the_lowest_source_kl_within_the_size_budget(sweep_id):
-    _log_source_kl(sweep_id, {"fp32": 1e-12, "int8": 1e-4, "int4": 1e-2, "int4-b128-asym": 3e-2})
+    _log_metric(sweep_id, M.SRC_KL_MEAN, {"fp32": 1e-12, "int8": 1e-4, "int4": 1e-2, "int4-b128-asym": 3e-2})
     budget = promote.promote(sweep_id, "q1", constraints=promote.Constraints(
         max_ppl_delta_pct=None, objective="quality", max_size_mb=30))
     assert budget.champion.variant == "int4"  # fp32 and int8 are over 30 MB; int4's KL is below int4-b128-asym's
@@ -116,19 +117,9 @@ def test_quality_objective_without_a_size_budget_is_refused(sweep_id):
     assert_one_line_error(proc, "objective quality needs a size budget", "--max-size-mb")
 
 
-def _log_tool_rate(sweep_id: str, rates: dict[str, float]) -> None:
-    from mlflow_slmops.sweep import variant_runs
-
-    client = mlflow.MlflowClient()
-    for run in variant_runs(client, sweep_id):
-        name = run.data.tags[M.VARIANT_TAG]
-        if name in rates:
-            client.log_metric(run.info.run_id, M.TOOL_CALL_VALID_RATE, rates[name])
-
-
 def test_tool_call_bar_keeps_variants_whose_calls_break_or_were_never_measured(sweep_id):
     # int4-b128-asym was swept without tool_call questions: no rate is no pass.
-    _log_tool_rate(sweep_id, {"fp32": 0.94, "int8": 0.97, "int4": 0.81})
+    _log_metric(sweep_id, M.TOOL_CALL_VALID_RATE, {"fp32": 0.94, "int8": 0.97, "int4": 0.81})
     result = promote.promote(sweep_id, "agent", constraints=promote.Constraints(
         max_ppl_delta_pct=None, objective="size_mb", min_tool_call_valid_rate=0.95))
     assert result.champion.variant == "int8"  # int4 is smaller but calls its tool validly 81% of the time
