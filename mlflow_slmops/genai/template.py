@@ -12,11 +12,15 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import json
 from datetime import datetime
 from pathlib import Path
 
 from mlflow_slmops.genai import modeldir
+
+# Distinct chat templates kept compiled: one per loaded model is the usual case.
+COMPILED_TEMPLATES = 16
 
 
 def special_tokens(model_dir: Path) -> dict[str, str]:
@@ -41,6 +45,13 @@ def render(template: str, messages: list[dict], add_generation_prompt: bool, tok
 
     ``context`` adds template variables such as ``tools`` (a list of OpenAI tool objects) or ``enable_thinking``.
     """
+    return _compiled(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **tokens,
+                                      **context)
+
+
+@functools.lru_cache(maxsize=COMPILED_TEMPLATES)
+def _compiled(template: str):
+    """The template compiled once (the pyfunc renders every request with tools through it)."""
     import jinja2
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -53,5 +64,4 @@ def render(template: str, messages: list[dict], add_generation_prompt: bool, tok
         x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **tokens,
-                                           **context)
+    return env.from_string(template)

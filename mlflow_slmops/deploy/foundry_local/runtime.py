@@ -361,7 +361,7 @@ def _items_of(msg: dict) -> list:
 
     if msg["role"] == "tool":
         return [ToolResultItem(msg.get("tool_call_id") or "", msg["content"])]
-    calls = msg.get("tool_calls") or [] if msg["role"] == "assistant" else []
+    calls = (msg.get("tool_calls") or []) if msg["role"] == "assistant" else []
     items = [getattr(MessageItem, msg["role"])(msg["content"])] if msg["content"] or not calls else []
     for call in calls:
         fn = call.get("function") or {}
